@@ -1,0 +1,321 @@
+"""The `VLM` interface: one Hugging Face vision-language model and its processor behind one API.
+
+Methods and the evaluation loop only talk to this class. It turns probes into padded batches with
+answer-token labels, returns teacher-forced predictions or generated text, names parameter groups
+and exposes hidden-state hooks. Family adapters (LLaVA, BLIP-2, Qwen2-VL, ...) only say how images
+become pixel tensors and image tokens, where their modules live, and how their prompts look; no
+method ever branches on a model's name.
+
+Prompts are built by hand rather than through each processor's text expansion so that every family
+supports images anywhere in the prompt (in-context demonstrations with their own pictures) and so
+that answer positions are known exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+from datamodules.case import Probe
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ProbeBatch:
+    """A padded batch of probes ready for `model(**inputs)`.
+
+    `answer_spans[i]` is (start, end) of probe i's answer tokens in its row (empty for prompts only).
+    `lengths[i]` is the unpadded length of row i.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    answer_spans: list[tuple[int, int]]
+    lengths: list[int]
+    left_padded: bool
+
+
+@dataclass
+class TeacherForced:
+    """Teacher-forced outputs of one probe.
+
+    `pred`/`labels`: argmax and gold ids at the answer positions. `all_topk`: top-k ids at every
+    non-padding position of the row (image, prompt and answer), filled only when asked for: the
+    MMEdit-trainer protocol scores locality over all positions.
+    """
+
+    pred: torch.Tensor
+    labels: torch.Tensor
+    all_topk: torch.Tensor | None = None
+
+
+class VLM(nn.Module, abc.ABC):
+    """Base adapter. Subclasses set `model`, `tokenizer` and implement the abstract hooks below.
+
+    Args:
+        prompt_format: how a probe is laid out for this family; `{content}` is replaced by the
+            (context and) question, with each image written as `image_text` at its place.
+        image_text: how one image appears inside the prompt text; it must contain `image_token`.
+        answer_prefix: prepended to answers before tokenising (the benchmarks use a leading space).
+        max_batch_size: probes per forward pass; larger lists are scored in chunks.
+        max_new_tokens: extra tokens allowed beyond the answer length when generating.
+    """
+
+    image_token: str = "<image>"
+
+    def __init__(
+        self,
+        prompt_format: str,
+        image_text: str,
+        answer_prefix: str = " ",
+        max_batch_size: int = 64,
+        max_new_tokens: int = 4,
+    ) -> None:
+        super().__init__()
+        if "{content}" not in prompt_format:
+            raise ValueError(f"prompt_format must contain '{{content}}', got {prompt_format!r}")
+        if self.image_token not in image_text:
+            raise ValueError(f"image_text must contain the image token {self.image_token!r}, got {image_text!r}")
+        self.prompt_format = prompt_format
+        self.image_text = image_text
+        self.answer_prefix = answer_prefix
+        self.max_batch_size = max_batch_size
+        self.max_new_tokens = max_new_tokens
+
+    # ----------------------------------------------------------------- family hooks
+    model: nn.Module
+    tokenizer: object
+
+    @abc.abstractmethod
+    def image_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Pixel tensors (and any grid info) for `images`, in order, as the model's forward expects."""
+
+    @abc.abstractmethod
+    def image_token_counts(self, image_inputs: dict[str, torch.Tensor]) -> list[int]:
+        """How many image tokens each image of `image_inputs` takes in the sequence."""
+
+    @abc.abstractmethod
+    def vision_modules(self) -> list[nn.Module | nn.Parameter]:
+        """The vision encoder's modules (what FT (Vis) may train when it reaches past the projector)."""
+
+    @abc.abstractmethod
+    def projector_modules(self) -> list[nn.Module | nn.Parameter]:
+        """What maps vision features into the language model: projector, or Q-Former and its queries."""
+
+    @abc.abstractmethod
+    def language_layers(self) -> nn.ModuleList:
+        """The language model's decoder layers, in order."""
+
+    def ffn(self, layer: int) -> nn.Module:
+        """The feed-forward block of language layer `layer` (negative indices count from the end)."""
+        return self.language_layers()[layer].mlp
+
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def describe(self) -> dict[str, object]:
+        """What a results file records about this backbone."""
+        return {
+            "class": type(self).__name__,
+            "model_class": type(self.model).__name__,
+            "prompt_format": self.prompt_format,
+            "image_text": self.image_text,
+            "answer_prefix": self.answer_prefix,
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+    # ----------------------------------------------------------------- parameter groups
+    @property
+    def num_language_layers(self) -> int:
+        return len(self.language_layers())
+
+    def _group_members(self, group: str) -> list[nn.Module | nn.Parameter]:
+        if group == "vision":
+            return self.vision_modules()
+        if group == "projector":
+            return self.projector_modules()
+        if group == "language":
+            return list(self.language_layers())
+        if group == "lm_head":
+            return [self.lm_head()]
+        kind, _, index = group.partition(":")
+        if kind in ("layer", "ffn") and index.lstrip("-").isdigit():
+            i = int(index)
+            n = self.num_language_layers
+            if not -n <= i < n:
+                raise ValueError(f"parameter group {group!r}: the language model has {n} layers")
+            return [self.language_layers()[i] if kind == "layer" else self.ffn(i)]
+        raise ValueError(
+            f"unknown parameter group {group!r}; expected vision, projector, language, lm_head, layer:<i> or ffn:<i>"
+        )
+
+    def parameter_group(self, *groups: str) -> dict[str, nn.Parameter]:
+        """Named parameters (names as in `self.model.state_dict()`) of the given groups."""
+        wanted: set[int] = set()
+        for group in groups:
+            for member in self._group_members(group):
+                if isinstance(member, nn.Parameter):
+                    wanted.add(id(member))
+                else:
+                    wanted.update(id(p) for p in member.parameters())
+        return {n: p for n, p in self.model.named_parameters() if id(p) in wanted}
+
+    # ----------------------------------------------------------------- hooks
+    @contextlib.contextmanager
+    def capture_hidden(self, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Capture the output hidden states of the given language layers during forwards in the block."""
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        for i in layers:
+
+            def hook(_m, _inp, out, i=i):
+                captured[i] = out[0] if isinstance(out, tuple) else out
+
+            handles.append(self.language_layers()[i].register_forward_hook(hook))
+        try:
+            yield captured
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ----------------------------------------------------------------- batching
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def render_prompt(self, probe: Probe) -> tuple[str, list[Image.Image]]:
+        """The probe's full prompt text and its images in order of appearance."""
+        parts: list[str] = []
+        images: list[Image.Image] = []
+        for item in probe.context:
+            if item.image is not None:
+                parts.append(self.image_text)
+                images.append(item.image)
+            parts.append(item.text + "\n")
+        if probe.image is not None:
+            parts.append(self.image_text)
+            images.append(probe.image)
+        parts.append(probe.prompt)
+        return self.prompt_format.format(content="".join(parts)), images
+
+    def _encode_text(self, text: str, first: bool) -> list[int]:
+        # Only the first piece gets the tokenizer's special prefix (BOS); pieces around images never do.
+        return self.tokenizer(text, add_special_tokens=first).input_ids if text or first else []
+
+    def encode_answer(self, answer: str) -> list[int]:
+        return self.tokenizer(self.answer_prefix + answer, add_special_tokens=False).input_ids
+
+    def build_batch(self, probes: Sequence[Probe], with_answers: bool = True) -> ProbeBatch:
+        """Tokenise probes into one padded batch; right-padded for scoring, left-padded for generation."""
+        image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        rendered = [self.render_prompt(p) for p in probes]
+        all_images = [img for _, imgs in rendered for img in imgs]
+        image_inputs = self.image_inputs(all_images) if all_images else {}
+        counts = iter(self.image_token_counts(image_inputs) if all_images else [])
+        rows: list[list[int]] = []
+        spans: list[tuple[int, int]] = []
+        for probe, (text, images) in zip(probes, rendered, strict=True):
+            pieces = text.split(self.image_token)
+            if len(pieces) - 1 != len(images):
+                raise ValueError(
+                    f"prompt {probe.prompt!r} holds {len(pieces) - 1} image tokens but the probe has {len(images)} images"
+                )
+            ids: list[int] = []
+            for j, piece in enumerate(pieces):
+                if j > 0:
+                    ids.extend([image_token_id] * next(counts))
+                ids.extend(self._encode_text(piece, first=j == 0))
+            start = len(ids)
+            if with_answers:
+                ids.extend(self.encode_answer(probe.answer))
+            spans.append((start, len(ids)))
+            rows.append(ids)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError(f"{type(self).__name__}: the tokenizer has no pad token")
+        width = max(len(r) for r in rows)
+        left = not with_answers
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, (s, e)) in enumerate(zip(rows, spans, strict=True)):
+            offset = width - len(ids) if left else 0
+            input_ids[i, offset : offset + len(ids)] = torch.tensor(ids)
+            attention[i, offset : offset + len(ids)] = 1
+            labels[i, offset + s : offset + e] = input_ids[i, offset + s : offset + e]
+            spans[i] = (offset + s, offset + e)
+        device = self.device
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+        dtype = next(self.model.parameters()).dtype
+        for k, v in image_inputs.items():
+            inputs[k] = v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        return ProbeBatch(inputs, labels.to(device), spans, [len(r) for r in rows], left)
+
+    # ----------------------------------------------------------------- forward passes
+    def logits(self, batch: ProbeBatch) -> torch.Tensor:
+        return self.model(**batch.inputs).logits
+
+    def loss(self, probes: Sequence[Probe]) -> torch.Tensor:
+        """Mean negative log-likelihood of the probes' answer tokens (what editors minimise)."""
+        batch = self.build_batch(probes)
+        logits = self.logits(batch)[:, :-1]
+        labels = batch.labels[:, 1:]
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def _chunks(self, probes: Sequence[Probe]) -> Iterator[Sequence[Probe]]:
+        for i in range(0, len(probes), self.max_batch_size):
+            yield probes[i : i + self.max_batch_size]
+
+    @torch.inference_mode()
+    def teacher_forced(self, probes: Sequence[Probe], all_topk: int = 0) -> list[TeacherForced]:
+        """Argmax predictions at answer positions (logit t predicts token t+1), batched in chunks."""
+        out: list[TeacherForced] = []
+        for chunk in self._chunks(probes):
+            batch = self.build_batch(chunk)
+            logits = self.logits(batch)
+            for i, (s, e) in enumerate(batch.answer_spans):
+                pred = logits[i, s - 1 : e - 1].argmax(-1).cpu()
+                labels = batch.labels[i, s:e].cpu()
+                topk = None
+                if all_topk:
+                    row = logits[i, : batch.lengths[i]].float()
+                    topk = row.topk(all_topk, dim=-1).indices.cpu()
+                out.append(TeacherForced(pred, labels, topk))
+        return out
+
+    @torch.inference_mode()
+    def generate(self, probes: Sequence[Probe]) -> list[str]:
+        """Greedy answers; the budget is the longest answer's token count plus `max_new_tokens`."""
+        texts: list[str] = []
+        for chunk in self._chunks(probes):
+            batch = self.build_batch(chunk, with_answers=False)
+            budget = max(len(self.encode_answer(p.answer)) for p in chunk) + self.max_new_tokens
+            out = self.model.generate(
+                **batch.inputs,
+                max_new_tokens=budget,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new = out[:, batch.inputs["input_ids"].shape[1] :]
+            texts.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+        return texts
+
+    @torch.inference_mode()
+    def embed(self, probes: Sequence[Probe]) -> torch.Tensor:
+        """One vector per probe: the last language layer's states, mean-pooled over the prompt."""
+        vectors = []
+        for chunk in self._chunks(probes):
+            batch = self.build_batch(chunk, with_answers=False)
+            with self.capture_hidden([-1]) as hidden:
+                self.model(**batch.inputs)
+            mask = batch.inputs["attention_mask"].unsqueeze(-1).to(hidden[-1].dtype)
+            vectors.append(((hidden[-1] * mask).sum(1) / mask.sum(1)).float().cpu())
+        return torch.cat(vectors)

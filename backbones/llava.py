@@ -1,0 +1,120 @@
+"""LLaVA-1.5 (and any LlavaForConditionalGeneration): a CLIP tower, an MLP projector, a causal LM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+from backbones.base import VLM
+from backbones.loading import resolve_dtype
+from backbones.tiny import TinySpec, byte_tokenizer
+
+
+class LlavaVLM(VLM):
+    """LLaVA adapter.
+
+    Args:
+        pretrained: a local path or hub name of a LLaVA checkpoint (`llava-hf/llava-1.5-7b-hf`).
+        tiny: build a tiny randomly initialised LLaVA instead (tests, CI); exclusive with `pretrained`.
+        dtype: float32, bfloat16 or float16.
+        trust_remote_code: passed to `from_pretrained`; off unless a config turns it on.
+        prompt_format: LLaVA-1.5's conversation format by default.
+    """
+
+    image_token = "<image>"
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        tiny: TinySpec | None = None,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        prompt_format: str = "USER: {content} ASSISTANT:",
+        image_text: str = "<image>\n",
+        answer_prefix: str = " ",
+        max_batch_size: int = 64,
+        max_new_tokens: int = 4,
+    ) -> None:
+        super().__init__(prompt_format, image_text, answer_prefix, max_batch_size, max_new_tokens)
+        if (pretrained is None) == (tiny is None):
+            raise ValueError("LlavaVLM: give exactly one of 'pretrained' (a path or hub name) or 'tiny' (sizes)")
+        if pretrained is not None:
+            self.model = LlavaForConditionalGeneration.from_pretrained(
+                pretrained, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            )
+            self.tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+            self.image_processor = CLIPImageProcessor.from_pretrained(pretrained)
+        else:
+            self.model, self.tokenizer, self.image_processor = build_tiny_llava(tiny)
+            self.model.to(resolve_dtype(dtype))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+        self.model.eval()
+
+    def image_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]}
+
+    def image_token_counts(self, image_inputs: dict[str, torch.Tensor]) -> list[int]:
+        cfg = self.model.config
+        side = image_inputs["pixel_values"].shape[-1] // cfg.vision_config.patch_size
+        # The "default" strategy drops the CLS token; "full" keeps it.
+        per_image = side * side + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+        return [per_image] * image_inputs["pixel_values"].shape[0]
+
+    def vision_modules(self) -> list[nn.Module | nn.Parameter]:
+        return [self.model.model.vision_tower]
+
+    def projector_modules(self) -> list[nn.Module | nn.Parameter]:
+        return [self.model.model.multi_modal_projector]
+
+    def language_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+
+def build_tiny_llava(spec: TinySpec) -> tuple[LlavaForConditionalGeneration, object, CLIPImageProcessor]:
+    tokenizer = byte_tokenizer(("<image>",))
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_hidden_size * 2,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.num_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.hidden_size * 2,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    return model, tokenizer, processor

@@ -1,0 +1,82 @@
+"""The `Editor` interface: `apply(vlm, cases) -> EditHandle`, and `handle.restore()` bit for bit.
+
+An editor may change weights, wrap modules, keep a memory or only change the context a probe is
+asked in. The handle is how the evaluation loop sees the edited model: `prepare(probes)` returns the
+probes as the edited system should be asked them (in-context methods add their context there), and
+`restore()` puts every tensor back exactly, so the next case starts from the original model.
+Editors are plain torch: no Lightning here.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from backbones.base import VLM
+from datamodules.case import EditCase, Probe
+
+
+class EditHandle:
+    """The edited state of one `apply` call. The base handle changes no probe and restores nothing."""
+
+    def prepare(self, probes: Sequence[Probe]) -> list[Probe]:
+        return list(probes)
+
+    def restore(self) -> None:
+        return None
+
+
+class ParameterSnapshot:
+    """Copies of exactly the tensors an editor is about to touch, and their `requires_grad` flags.
+
+    Restoring copies the saved values back in place (`copy_`), so tensors keep their identity and
+    storage and the model is bit-identical afterwards, without a deep copy of the whole model.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter]) -> None:
+        if not params:
+            raise ValueError("ParameterSnapshot: no parameters selected; check the editor's target groups")
+        self.params = params
+        self.saved = {name: p.detach().clone() for name, p in params.items()}
+        self.requires_grad = {name: p.requires_grad for name, p in params.items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, p in self.params.items():
+            p.copy_(self.saved[name])
+            p.requires_grad_(self.requires_grad[name])
+            p.grad = None
+
+
+class WeightEditHandle(EditHandle):
+    """Handle for editors that change weights in place: restoring puts the snapshot back."""
+
+    def __init__(self, snapshot: ParameterSnapshot, extra: Iterable[EditHandle] = ()) -> None:
+        self.snapshot = snapshot
+        self.extra = list(extra)
+
+    def restore(self) -> None:
+        for handle in reversed(self.extra):
+            handle.restore()
+        self.snapshot.restore()
+
+
+class Editor(abc.ABC):
+    """An editing method. `apply` edits the cases in order (K = 1 for one-step editing)."""
+
+    #: A short name recorded in results.
+    name: str = "editor"
+
+    @abc.abstractmethod
+    def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> EditHandle:
+        """Write the edits of `cases` (each case's `edits`, in order) and return a restorable handle."""
+
+    def setup(self, vlm: VLM) -> None:  # noqa: B027 - optional hook, most editors need nothing
+        """Called once before the first edit (load checkpoints, build retrieval indices)."""
+
+    def describe(self) -> dict[str, object]:
+        """The editor's settings, recorded next to the results."""
+        return {"name": self.name, "class": type(self).__name__}
