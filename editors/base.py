@@ -20,7 +20,14 @@ from datamodules.case import EditCase, Probe
 
 
 class EditHandle:
-    """The edited state of one `apply` call. The base handle changes no probe and restores nothing."""
+    """The edited state of one `apply` call. The base handle changes no probe and restores nothing.
+
+    `stats` holds what the editor measured while editing (steps used, final loss, time), so the
+    evaluation loop can record it next to the scores without knowing the method.
+    """
+
+    def __init__(self, stats: dict[str, object] | None = None) -> None:
+        self.stats: dict[str, object] = dict(stats) if stats else {}
 
     def prepare(self, probes: Sequence[Probe]) -> list[Probe]:
         return list(probes)
@@ -54,7 +61,13 @@ class ParameterSnapshot:
 class WeightEditHandle(EditHandle):
     """Handle for editors that change weights in place: restoring puts the snapshot back."""
 
-    def __init__(self, snapshot: ParameterSnapshot, extra: Iterable[EditHandle] = ()) -> None:
+    def __init__(
+        self,
+        snapshot: ParameterSnapshot,
+        extra: Iterable[EditHandle] = (),
+        stats: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(stats)
         self.snapshot = snapshot
         self.extra = list(extra)
 

@@ -1,0 +1,82 @@
+"""Per-case results on disk: `cases.jsonl`, appended as cases finish, read back to resume a run.
+
+Each case is one JSON line written with a single `os.write` on a file opened with `O_APPEND`, so a
+line is either wholly there or not at all, and several DDP ranks can append to the same file. A run
+killed mid-write can leave at most a torn last line; reading skips (and counts) it, and the case is
+simply computed again. At the end, rank 0 rewrites the file in dataset order (atomically, through a
+temporary file and `os.replace`) so that the same run gives the same bytes on one process or many.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+CASES_FILE = "cases.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class CaseLog:
+    """Append-only per-case log in `results_dir`, with resume support."""
+
+    def __init__(self, results_dir: str | os.PathLike) -> None:
+        self.dir = Path(results_dir)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise OSError(f"results_dir {str(self.dir)!r} is not writable: {err}") from err
+        self.path = self.dir / CASES_FILE
+        self.torn_lines = 0
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        """Cases already on disk, by case id (the last complete line wins)."""
+        done: dict[str, dict[str, Any]] = {}
+        if not self.path.exists():
+            return done
+        with self.path.open("rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    self.torn_lines += 1  # a write cut short by a kill: recompute that case
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError:
+                    self.torn_lines += 1
+                    continue
+                done[record["case_id"]] = record
+        return done
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def finalize(self, order: list[str]) -> list[dict[str, Any]]:
+        """Rewrite the log in `order` (dataset order), dropping torn lines and duplicates."""
+        done = self.read()
+        missing = [cid for cid in order if cid not in done]
+        if missing:
+            raise RuntimeError(f"{self.path}: {len(missing)} cases have no result, e.g. {missing[:3]}")
+        records = [done[cid] for cid in order]
+        write_atomic(self.path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records))
+        return records
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_summary(results_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    path = Path(results_dir) / SUMMARY_FILE
+    write_atomic(path, json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n")
+    return path

@@ -1,0 +1,21 @@
+"""`python train.py fit --config configs/train/<x>.yaml`: train what must be trained.
+
+The model and data module are chosen in the YAML with `class_path`/`init_args`, so one entry
+point serves every trainable part (editor hypernetworks, SERAC's models, UniKE's encoders, the
+world backbone) as each lands.
+"""
+
+from lightning.pytorch.cli import LightningCLI
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    return LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()
