@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from datamodules.case import Probe
+from metrics.functional import TeacherForced, teacher_forced_outputs
 
 IGNORE_INDEX = -100
 
@@ -42,20 +43,6 @@ class ProbeBatch:
     left_padded: bool
 
 
-@dataclass
-class TeacherForced:
-    """Teacher-forced outputs of one probe.
-
-    `pred`/`labels`: argmax and gold ids at the answer positions. `all_topk`: top-k ids at every
-    non-padding position of the row (image, prompt and answer), filled only when asked for: the
-    MMEdit-trainer protocol scores locality over all positions.
-    """
-
-    pred: torch.Tensor
-    labels: torch.Tensor
-    all_topk: torch.Tensor | None = None
-
-
 class VLM(nn.Module, abc.ABC):
     """Base adapter. Subclasses set `model`, `tokenizer` and implement the abstract hooks below.
 
@@ -65,7 +52,7 @@ class VLM(nn.Module, abc.ABC):
         image_text: how one image appears inside the prompt text; it must contain `image_token`.
         answer_prefix: prepended to answers before tokenising (the benchmarks use a leading space).
         max_batch_size: probes per forward pass; larger lists are scored in chunks.
-        max_new_tokens: extra tokens allowed beyond the answer length when generating.
+        max_new_tokens: extra tokens allowed beyond each answer's own length when generating (0: the greedy continuation is exactly as long as the answer, so exact match asks whether the model says the answer, not whether it stops).
     """
 
     image_token: str = "<image>"
@@ -76,13 +63,15 @@ class VLM(nn.Module, abc.ABC):
         image_text: str,
         answer_prefix: str = " ",
         max_batch_size: int = 64,
-        max_new_tokens: int = 4,
+        max_new_tokens: int = 0,
     ) -> None:
         super().__init__()
         if "{content}" not in prompt_format:
             raise ValueError(f"prompt_format must contain '{{content}}', got {prompt_format!r}")
         if self.image_token not in image_text:
-            raise ValueError(f"image_text must contain the image token {self.image_token!r}, got {image_text!r}")
+            raise ValueError(
+                f"image_text must contain the image token {self.image_token!r}, got {image_text!r}"
+            )
         self.prompt_format = prompt_format
         self.image_text = image_text
         self.answer_prefix = answer_prefix
@@ -116,6 +105,10 @@ class VLM(nn.Module, abc.ABC):
     def ffn(self, layer: int) -> nn.Module:
         """The feed-forward block of language layer `layer` (negative indices count from the end)."""
         return self.language_layers()[layer].mlp
+
+    def ffn_members(self, layer: int) -> list[nn.Module | nn.Parameter]:
+        """What the parameter group `ffn:<layer>` holds; override where the FFN is not one submodule (OPT)."""
+        return [self.ffn(layer)]
 
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
@@ -151,7 +144,7 @@ class VLM(nn.Module, abc.ABC):
             n = self.num_language_layers
             if not -n <= i < n:
                 raise ValueError(f"parameter group {group!r}: the language model has {n} layers")
-            return [self.language_layers()[i] if kind == "layer" else self.ffn(i)]
+            return [self.language_layers()[i]] if kind == "layer" else self.ffn_members(i)
         raise ValueError(
             f"unknown parameter group {group!r}; expected vision, projector, language, lm_head, layer:<i> or ffn:<i>"
         )
@@ -267,7 +260,9 @@ class VLM(nn.Module, abc.ABC):
         batch = self.build_batch(probes)
         logits = self.logits(batch)[:, :-1]
         labels = batch.labels[:, 1:]
-        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
 
     def _chunks(self, probes: Sequence[Probe]) -> Iterator[Sequence[Probe]]:
         for i in range(0, len(probes), self.max_batch_size):
@@ -279,33 +274,36 @@ class VLM(nn.Module, abc.ABC):
         out: list[TeacherForced] = []
         for chunk in self._chunks(probes):
             batch = self.build_batch(chunk)
-            logits = self.logits(batch)
-            for i, (s, e) in enumerate(batch.answer_spans):
-                pred = logits[i, s - 1 : e - 1].argmax(-1).cpu()
-                labels = batch.labels[i, s:e].cpu()
-                topk = None
-                if all_topk:
-                    row = logits[i, : batch.lengths[i]].float()
-                    topk = row.topk(all_topk, dim=-1).indices.cpu()
-                out.append(TeacherForced(pred, labels, topk))
+            out.extend(
+                teacher_forced_outputs(
+                    self.logits(batch), batch.labels, batch.answer_spans, batch.lengths, all_topk
+                )
+            )
         return out
 
     @torch.inference_mode()
     def generate(self, probes: Sequence[Probe]) -> list[str]:
-        """Greedy answers; the budget is the longest answer's token count plus `max_new_tokens`."""
+        """Greedy answers, each cut to its own answer's token count plus `max_new_tokens`.
+
+        A chunk decodes together up to its longest budget; each row is then cut to its own budget,
+        so a probe's generation does not depend on which other probes share its batch.
+        """
         texts: list[str] = []
         for chunk in self._chunks(probes):
             batch = self.build_batch(chunk, with_answers=False)
-            budget = max(len(self.encode_answer(p.answer)) for p in chunk) + self.max_new_tokens
+            budgets = [len(self.encode_answer(p.answer)) + self.max_new_tokens for p in chunk]
             out = self.model.generate(
                 **batch.inputs,
-                max_new_tokens=budget,
+                max_new_tokens=max(budgets),
                 do_sample=False,
                 num_beams=1,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
             new = out[:, batch.inputs["input_ids"].shape[1] :]
-            texts.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+            texts.extend(
+                self.tokenizer.decode(row[:budget], skip_special_tokens=True)
+                for row, budget in zip(new, budgets, strict=True)
+            )
         return texts
 
     @torch.inference_mode()

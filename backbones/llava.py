@@ -44,11 +44,13 @@ class LlavaVLM(VLM):
         image_text: str = "<image>\n",
         answer_prefix: str = " ",
         max_batch_size: int = 64,
-        max_new_tokens: int = 4,
+        max_new_tokens: int = 0,
     ) -> None:
         super().__init__(prompt_format, image_text, answer_prefix, max_batch_size, max_new_tokens)
         if (pretrained is None) == (tiny is None):
-            raise ValueError("LlavaVLM: give exactly one of 'pretrained' (a path or hub name) or 'tiny' (sizes)")
+            raise ValueError(
+                "LlavaVLM: give exactly one of 'pretrained' (a path or hub name) or 'tiny' (sizes)"
+            )
         if pretrained is not None:
             self.model = LlavaForConditionalGeneration.from_pretrained(
                 pretrained, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
@@ -63,7 +65,9 @@ class LlavaVLM(VLM):
         self.model.eval()
 
     def image_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]}
+        return {
+            "pixel_values": self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        }
 
     def image_token_counts(self, image_inputs: dict[str, torch.Tensor]) -> list[int]:
         cfg = self.model.config

@@ -43,12 +43,18 @@ class TinySpec:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"tiny.image_size ({self.image_size}) must be a multiple of tiny.patch_size ({self.patch_size})")
+            raise ValueError(
+                f"tiny.image_size ({self.image_size}) must be a multiple of tiny.patch_size ({self.patch_size})"
+            )
         if self.hidden_size % self.num_heads or self.vision_hidden_size % self.num_heads:
-            raise ValueError("tiny.hidden_size and tiny.vision_hidden_size must be multiples of tiny.num_heads")
+            raise ValueError(
+                "tiny.hidden_size and tiny.vision_hidden_size must be multiples of tiny.num_heads"
+            )
 
 
-def byte_tokenizer(extra_special_tokens: tuple[str, ...] = ("<image>",), chat_template: str | None = None) -> PreTrainedTokenizerFast:
+def byte_tokenizer(
+    extra_special_tokens: tuple[str, ...] = ("<image>",), chat_template: str | None = None
+) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 byte tokens, no merges) plus special tokens; BOS is prepended."""
     specials = list(BASE_SPECIAL_TOKENS) + [t for t in extra_special_tokens if t not in BASE_SPECIAL_TOKENS]
     vocab = {tok: i for i, tok in enumerate(specials)}
@@ -57,7 +63,9 @@ def byte_tokenizer(extra_special_tokens: tuple[str, ...] = ("<image>",), chat_te
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    core.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    core.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",

@@ -39,7 +39,9 @@ def resolve_image_path(root: Path, rel_path: str) -> Path:
     the links would reject those legitimate layouts.
     """
     if not isinstance(rel_path, str) or not rel_path.strip():
-        raise ImagePathError(f"image path must be a non-empty string relative to the image root, got {rel_path!r}")
+        raise ImagePathError(
+            f"image path must be a non-empty string relative to the image root, got {rel_path!r}"
+        )
     if (
         os.path.isabs(rel_path)
         or PurePosixPath(rel_path).is_absolute()
@@ -90,7 +92,7 @@ def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
     else:  # "F"
         in_unit_range = values.size == 0 or (values.min() >= 0.0 and values.max() <= 1.0)
         grey = _to_uint8(values, 1.0 if in_unit_range else None)
-    return Image.fromarray(grey, mode="L").convert("RGB")
+    return Image.fromarray(grey).convert("RGB")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -114,7 +116,9 @@ class ImageLoader:
     that every referenced image exists without paying for decoding at load time.
     """
 
-    def __init__(self, root: str | os.PathLike[str], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> None:
         if max_image_pixels <= 0:
             raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")
         self.root = Path(root)

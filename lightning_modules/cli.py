@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.edit_datamodule import EditDataModule
 from lightning_modules.edit_eval import EditEval
+
+#: Read before any --config: the shared defaults of every edit run (tiny LLaVA, the sample data).
+EDIT_BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "edit" / "base.yaml"
 
 EDIT_TRAINER_DEFAULTS: dict[str, Any] = {
     # Shards are whole batches dealt round-robin with no padding (see datamodules.sampler), so
@@ -31,7 +35,7 @@ class EditCLI(LightningCLI):
             run=run,
             trainer_defaults=EDIT_TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"default_env": False},
+            parser_kwargs=_parser_kwargs(run),
         )
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -47,3 +51,10 @@ class EditCLI(LightningCLI):
         # The full, resolved configuration goes into summary.json: every number is reproducible from it.
         config = self.config[self.subcommand] if self.subcommand else self.config
         self.model.run_config = config.clone().as_dict()
+
+
+def _parser_kwargs(run: bool) -> dict[str, Any]:
+    # The base config belongs to the subcommand's parser (`edit.py test ...`); without a
+    # subcommand (run=False, used by tests and notebooks) it belongs to the main parser.
+    defaults = {"default_config_files": [str(EDIT_BASE_CONFIG)]}
+    return {"default_env": False, **({"test": defaults} if run else defaults)}

@@ -52,7 +52,9 @@ def teacher_forced_outputs(
         all_topk: when > 0, also return the top-k ids at every non-padding position of each row.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     batch, width, vocab = logits.shape
     if len(answer_spans) != batch or len(lengths) != batch:
         raise ValueError(
@@ -69,7 +71,9 @@ def teacher_forced_outputs(
     out: list[TeacherForced] = []
     for i, ((s, e), n) in enumerate(zip(answer_spans, lengths, strict=True)):
         if not 0 <= s <= e <= n <= width:
-            raise ValueError(f"row {i}: answer span ({s}, {e}) must lie inside the row's length {n} (width {width})")
+            raise ValueError(
+                f"row {i}: answer span ({s}, {e}) must lie inside the row's length {n} (width {width})"
+            )
         if e > s and s < 1:
             raise ValueError(f"row {i}: an answer starting at position 0 has no logit predicting it")
         gold = labels_all[i, s:e]
@@ -84,7 +88,9 @@ def teacher_forced_outputs(
 def token_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of answer tokens whose argmax equals the label; `IGNORE_INDEX` labels do not count."""
     if pred.shape != labels.shape:
-        raise ValueError(f"token_accuracy: pred {tuple(pred.shape)} and labels {tuple(labels.shape)} differ in shape")
+        raise ValueError(
+            f"token_accuracy: pred {tuple(pred.shape)} and labels {tuple(labels.shape)} differ in shape"
+        )
     mask = labels != IGNORE_INDEX
     scored = int(mask.sum())
     if scored == 0:

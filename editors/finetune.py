@@ -1,0 +1,132 @@
+"""FT (LLM) and FT (Vis): write an edit by fine-tuning one group of the backbone's weights.
+
+One class serves both baselines; they differ only in which parameter groups they ask the VLM for
+(`["ffn:-1"]` for the last language MLP, `["projector"]` or `["vision"]` for the vision side). The
+budget is a fixed number of optimiser steps per case, recorded with the result, because FT's scores
+swing with the learning rate and the stopping rule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from backbones.base import VLM
+from datamodules.case import EditCase
+from editors.base import Editor, ParameterSnapshot, WeightEditHandle
+from editors.tuning import make_optimizer, only_these_trainable
+
+
+class FineTune(Editor):
+    """Fine-tune the target parameter groups on each case's edits, in order.
+
+    Args:
+        targets: parameter groups of the VLM to train (vision, projector, language, lm_head,
+            layer:<i>, ffn:<i>; negative i counts from the last layer).
+        lr: learning rate.
+        steps: optimiser steps per case (the references use 10-15).
+        optimizer: "adamw" or "sgd"; a fresh one per case, so no momentum leaks between edits.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        stop_loss: stop a case early once the mean NLL of its edits falls below this; None runs
+            the whole budget. The steps actually used are recorded in `handle.stats`.
+        name: recorded in results.
+    """
+
+    def __init__(
+        self,
+        targets: list[str],
+        lr: float = 5e-3,
+        steps: int = 10,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        weight_decay: float = 0.0,
+        stop_loss: float | None = None,
+        name: str = "FT",
+    ) -> None:
+        if not targets:
+            raise ValueError("FineTune: targets is empty; name at least one parameter group, e.g. ['ffn:-1']")
+        if not lr > 0:
+            raise ValueError(f"FineTune: lr must be > 0, got {lr}")
+        if steps < 0:
+            raise ValueError(f"FineTune: steps must be >= 0, got {steps}")
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"FineTune: optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        self.targets = list(targets)
+        self.lr = lr
+        self.steps = steps
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
+        self.stop_loss = stop_loss
+        self.name = name
+
+    def describe(self) -> dict[str, object]:
+        return {
+            **super().describe(),
+            "targets": self.targets,
+            "lr": self.lr,
+            "steps": self.steps,
+            "optimizer": self.optimizer,
+            "weight_decay": self.weight_decay,
+            "stop_loss": self.stop_loss,
+        }
+
+    def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> WeightEditHandle:
+        params = vlm.parameter_group(*self.targets)
+        start = time.perf_counter()
+        per_case = []
+        # Lightning runs test loops under inference mode; an edit needs autograd whatever the caller.
+        with torch.inference_mode(False), torch.enable_grad():
+            # One snapshot before the first case: restore() returns to the state before the whole
+            # call, which is what sequential editing (K cases, then score all) needs.
+            snapshot = ParameterSnapshot(params)
+            try:
+                with only_these_trainable(vlm.model, params):
+                    for case in cases:
+                        per_case.append(self._edit_one(vlm, case, list(params.values())))
+            except BaseException:
+                # No handle reaches the caller when an edit fails (out of memory, a bad case), so
+                # undo here: a half-written edit must never leak into the next case.
+                snapshot.restore()
+                raise
+        for p in params.values():
+            p.grad = None
+        stats: dict[str, object] = {
+            "time_s": time.perf_counter() - start,
+            "steps": sum(c["steps"] for c in per_case),
+            "final_loss": per_case[-1]["final_loss"] if per_case else math.nan,
+            "cases": per_case,
+        }
+        return WeightEditHandle(snapshot, stats=stats)
+
+    def _edit_one(self, vlm: VLM, case: EditCase, params: list[torch.nn.Parameter]) -> dict[str, object]:
+        optim = make_optimizer(self.optimizer, params, self.lr, self.weight_decay)
+        start = time.perf_counter()
+        initial = math.nan
+        loss_value = math.nan
+        steps_used = 0
+        # steps + 1 forwards: the last one only measures the loss after the final update, so the
+        # recorded final loss describes the edited model rather than the one a step before it.
+        for step in range(self.steps + 1):
+            last = step == self.steps
+            with torch.set_grad_enabled(not last):
+                loss = vlm.loss(case.edits)
+            loss_value = loss.item()
+            if step == 0:
+                initial = loss_value
+            if last or (self.stop_loss is not None and loss_value < self.stop_loss):
+                break
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            steps_used += 1
+        return {
+            "case_id": case.case_id,
+            "steps": steps_used,
+            "initial_loss": initial,
+            "final_loss": loss_value,
+            "stopped_early": steps_used < self.steps,
+            "time_s": time.perf_counter() - start,
+        }
