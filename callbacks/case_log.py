@@ -33,6 +33,22 @@ class CaseLog:
         self.path = self.dir / CASES_FILE
         self.torn_lines = 0
 
+    def repair(self) -> int:
+        """Cut a torn last line (a write interrupted by a kill) so that new lines start cleanly.
+
+        Call on one process only, before any rank appends. Returns the number of bytes cut.
+        """
+        if not self.path.exists():
+            return 0
+        data = self.path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep == len(data):
+            return 0
+        with self.path.open("r+b") as f:
+            f.truncate(keep)
+        self.torn_lines += 1
+        return len(data) - keep
+
     def read(self) -> dict[str, dict[str, Any]]:
         """Cases already on disk, by case id (the last complete line wins)."""
         done: dict[str, dict[str, Any]] = {}
@@ -66,7 +82,9 @@ class CaseLog:
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} cases have no result, e.g. {missing[:3]}")
         records = [done[cid] for cid in order]
-        write_atomic(self.path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records))
+        write_atomic(
+            self.path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+        )
         return records
 
 

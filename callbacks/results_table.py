@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-COLUMNS = (("Rel", "rel"), ("T-Gen", "t_gen"), ("I-Gen", "i_gen"), ("T-Loc", "t_loc"), ("I-Loc", "i_loc"), ("Port", "port"))
+COLUMNS = (
+    ("Rel", "rel"),
+    ("T-Gen", "t_gen"),
+    ("I-Gen", "i_gen"),
+    ("T-Loc", "t_loc"),
+    ("I-Loc", "i_loc"),
+    ("Port", "port"),
+)
 
 
 def _cell(value: float | None) -> str:
@@ -27,7 +34,12 @@ def format_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
             ]
         )
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True))) for r in [header, *body]]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in [header, *body]
+    ]
     protocol = rows[0][1].get("protocol", "") if rows else ""
     lines.insert(1, "-" * len(lines[0]))
     lines.append(f"(scores in %, teacher-forced then generation exact match; protocol: {protocol})")

@@ -72,6 +72,9 @@ class EditEval(pl.LightningModule):
         self.editor.setup(self.backbone)
         if self.hparams.results_dir:
             self._log = CaseLog(self.hparams.results_dir)
+            if self.trainer.is_global_zero:
+                self._log.repair()
+            self.trainer.strategy.barrier()  # no rank appends before the torn tail is cut
             self._done = self._log.read()
         self.scores.reset()
 

@@ -14,7 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def solid_image(color: tuple[int, int, int], size: tuple[int, int] = (40, 30), mode: str = "RGB") -> Image.Image:
+def solid_image(
+    color: tuple[int, int, int], size: tuple[int, int] = (40, 30), mode: str = "RGB"
+) -> Image.Image:
     img = Image.new("RGB", size, color)
     return img if mode == "RGB" else img.convert(mode)
 
