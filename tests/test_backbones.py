@@ -12,16 +12,10 @@ from PIL import Image
 
 from backbones import VLM, Blip2OptVLM, ImageTextToTextVLM, LlavaVLM, MiniGPT4VLM, Qwen2VLVLM, TinySpec
 from datamodules.case import ContextItem, Probe
+from tiny_families import FAMILIES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "backbones"
 
-FAMILIES = {
-    "llava": lambda seed=0: LlavaVLM(tiny=TinySpec(seed=seed)),
-    "blip2_opt": lambda seed=0: Blip2OptVLM(tiny=TinySpec(seed=seed)),
-    "minigpt4": lambda seed=0: MiniGPT4VLM(tiny=TinySpec(seed=seed)),
-    "qwen2_vl": lambda seed=0: Qwen2VLVLM(tiny=TinySpec(seed=seed)),
-    "generic_llava_next": lambda seed=0: ImageTextToTextVLM(tiny=TinySpec(seed=seed), family="llava_next"),
-}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
