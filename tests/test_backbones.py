@@ -9,13 +9,12 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 from PIL import Image
-
-from backbones import VLM, Blip2OptVLM, ImageTextToTextVLM, LlavaVLM, MiniGPT4VLM, Qwen2VLVLM, TinySpec
-from datamodules.case import ContextItem, Probe
 from tiny_families import FAMILIES
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "backbones"
+from backbones import VLM, MiniGPT4VLM
+from datamodules.case import ContextItem, Probe
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "backbones"
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

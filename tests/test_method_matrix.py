@@ -12,11 +12,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from tiny_families import FAMILIES
 
 from datamodules.edit_datamodule import EditDataModule
 from editors import IKE, FineTune
 from lightning_modules.edit_eval import EditEval
-from tiny_families import FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
