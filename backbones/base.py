@@ -28,6 +28,25 @@ from metrics.functional import TeacherForced, teacher_forced_outputs
 IGNORE_INDEX = -100
 
 
+class PromptTooLongError(ValueError):
+    """A probe's token row is longer than the language model's position limit.
+
+    Past the limit, models with learned positions fail with an index error deep in the forward pass
+    and rotary models silently score garbage, so the row is refused before any forward. The probe is
+    kept so that the evaluation loop can name the case and record it came from.
+    """
+
+    def __init__(self, probe: Probe, length: int, limit: int) -> None:
+        self.probe = probe
+        self.length = length
+        self.limit = limit
+        super().__init__(
+            f"{probe.kind} probe {probe.prompt[:60]!r}{'...' if len(probe.prompt) > 60 else ''} is "
+            f"{length} tokens long (prompt, image tokens, context and answer), more than the model's "
+            f"{limit} positions (max_position_embeddings)"
+        )
+
+
 @dataclass
 class ProbeBatch:
     """A padded batch of probes ready for `model(**inputs)`.
@@ -122,6 +141,32 @@ class VLM(nn.Module, abc.ABC):
             "image_text": self.image_text,
             "answer_prefix": self.answer_prefix,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+    def max_positions(self) -> int | None:
+        """The language model's position limit (`max_position_embeddings`), None where it names none."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(text, "max_position_embeddings", None)
+        return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+    def fingerprint(self, *groups: str) -> dict[str, object]:
+        """What a trained editor depends on: the model's class and sizes, and the parameters it attaches to.
+
+        Trainable editors store this next to their weights and compare it when loading, so a
+        checkpoint trained on another backbone fails with both descriptions instead of a shape error
+        (or worse, no error) halfway through an evaluation. `groups` are parameter groups as in
+        `parameter_group` (`"ffn:-1"`, `"projector"`); their names and shapes are included.
+        """
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        embeddings = self.model.get_input_embeddings()
+        return {
+            "model_class": type(self.model).__name__,
+            "hidden_size": int(getattr(text, "hidden_size", 0) or 0),
+            "num_layers": self.num_language_layers,
+            "vocab_size": int(embeddings.weight.shape[0]),
+            "parameters": {name: list(p.shape) for name, p in self.parameter_group(*groups).items()},
         }
 
     # ----------------------------------------------------------------- parameter groups
@@ -230,6 +275,11 @@ class VLM(nn.Module, abc.ABC):
                 ids.extend(self.encode_answer(probe.answer))
             spans.append((start, len(ids)))
             rows.append(ids)
+        limit = self.max_positions()
+        if limit is not None:
+            for probe, ids in zip(probes, rows, strict=True):
+                if len(ids) > limit:
+                    raise PromptTooLongError(probe, len(ids), limit)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             raise ValueError(f"{type(self).__name__}: the tokenizer has no pad token")

@@ -18,18 +18,40 @@ CASES_FILE = "cases.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
+class ResultsDirError(OSError):
+    """The results folder cannot be created or written to; the message names the folder."""
+
+
+def check_results_dir(results_dir: str | os.PathLike) -> Path:
+    """Create `results_dir` and prove it writable with a real write, before any case is computed.
+
+    A real write rather than `os.access`: tests and containers often run as root, for whom
+    permission bits say nothing, and read-only mounts or a file in the way only show on writing.
+    """
+    folder = Path(results_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ResultsDirError(
+            f"results_dir {str(folder)!r} is not writable: {err.strerror or err}"
+            f"{f' ({err.filename})' if err.filename else ''}; choose another --results_dir"
+        ) from err
+    return folder
+
+
 class CaseLog:
-    """Append-only per-case log in `results_dir`, with resume support."""
+    """Append-only per-case log in `results_dir`, with resume support.
+
+    A line holds either a scored case (`scores`, `predictions`) or a case the run skipped under
+    `on_bad_record: skip` (`skipped`: file, index, id, field, message); keeping skips in the log lets
+    a resumed or multi-process run report them without recomputing.
+    """
 
     def __init__(self, results_dir: str | os.PathLike) -> None:
-        self.dir = Path(results_dir)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            raise OSError(f"results_dir {str(self.dir)!r} is not writable: {err}") from err
+        self.dir = check_results_dir(results_dir)
         self.path = self.dir / CASES_FILE
         self.torn_lines = 0
 

@@ -82,6 +82,9 @@ class Editor(abc.ABC):
 
     #: A short name recorded in results.
     name: str = "editor"
+    #: Whether `apply` changes the model's tensors. Editors that don't (in-context, memory-only)
+    #: let the loop score several one-step cases in shared forward passes.
+    changes_weights: bool = True
 
     @abc.abstractmethod
     def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> EditHandle:

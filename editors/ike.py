@@ -47,6 +47,8 @@ class IKE(Editor):
     Build from in-memory cases instead of a file with `IKE.from_cases(cases, k=...)`.
     """
 
+    changes_weights = False
+
     def __init__(
         self,
         train_file: str | None = None,

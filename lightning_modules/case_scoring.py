@@ -63,18 +63,22 @@ def _aligned(post: TeacherForced, pre: TeacherForced) -> tuple[TeacherForced, Te
 
 def score_cases(
     vlm: VLM,
-    handle: EditHandle,
-    cases: Sequence[EditCase],
+    edited: Sequence[tuple[EditCase, EditHandle]],
     reference: dict[str, list[ProbeOutputs]],
     protocol: str,
     generation: bool,
     tokenizer_decode: Any,
 ) -> list[dict[str, Any]]:
-    """Score every probe of `cases` on the edited system; one record per case (values in [0, 1])."""
-    probes = [p for case in cases for p in case.all_probes()]
-    outputs = iter(_run(vlm, handle.prepare(probes), protocol, generation))
+    """Score every probe of the edited cases in one batched pass; one record per case (values in [0, 1]).
+
+    Each case comes with the handle that edited it: several cases may share one handle (sequential
+    editing) or each have their own (one-step editing with an editor that leaves the weights alone,
+    whose cases can then share forward passes).
+    """
+    probes = [p for case, handle in edited for p in handle.prepare(case.all_probes())]
+    outputs = iter(_run(vlm, probes, protocol, generation))
     records = []
-    for case in cases:
+    for case, _ in edited:
         pre_iter = iter(reference[case.case_id])
         values: dict[str, list[float]] = defaultdict(list)
         predictions: dict[str, list[dict[str, Any]]] = defaultdict(list)

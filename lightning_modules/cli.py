@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from backbones.base import PromptTooLongError
+from callbacks.case_log import ResultsDirError, check_results_dir
 from datamodules.edit_datamodule import EditDataModule
+from datamodules.images import ImageLoadError
+from datamodules.records import BadRecordError
+from editors.checkpoint import EditorCheckpointError
 from lightning_modules.edit_eval import EditEval
+
+#: Problems with what the user gave (data, images, results folder, checkpoints), as opposed to bugs:
+#: these end a run with one line naming the file and the fix, not a traceback through Lightning.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    BadRecordError,
+    ImageLoadError,
+    PromptTooLongError,
+    ResultsDirError,
+    EditorCheckpointError,
+)
+#: The exit status of a run refused for bad input (argparse uses 2 for bad arguments, too).
+USER_ERROR_EXIT_CODE = 2
 
 #: Read before any --config: the shared defaults of every edit run (tiny LLaVA, the sample data).
 EDIT_BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "edit" / "base.yaml"
@@ -28,15 +48,16 @@ class EditCLI(LightningCLI):
     """`edit.py`: EditEval + EditDataModule, with `--results_dir` at the top level."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            EditEval,
-            EditDataModule,
-            args=args,
-            run=run,
-            trainer_defaults=EDIT_TRAINER_DEFAULTS,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs=_parser_kwargs(run),
-        )
+        with user_errors_exit():
+            super().__init__(
+                EditEval,
+                EditDataModule,
+                args=args,
+                run=run,
+                trainer_defaults=EDIT_TRAINER_DEFAULTS,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs=_parser_kwargs(run),
+            )
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -51,6 +72,23 @@ class EditCLI(LightningCLI):
         # The full, resolved configuration goes into summary.json: every number is reproducible from it.
         config = self.config[self.subcommand] if self.subcommand else self.config
         self.model.run_config = config.clone().as_dict()
+        # Fail on an unusable results folder now, before the data is read and any case is computed.
+        if self.model.hparams.results_dir:
+            check_results_dir(self.model.hparams.results_dir)
+
+
+@contextlib.contextmanager
+def user_errors_exit() -> Iterator[None]:
+    """Turn `USER_ERRORS` into one line on stderr and `SystemExit(2)`; the original stays as `__cause__`.
+
+    Lightning re-raises errors from hooks and data loading as they are, under a traceback dozens of
+    frames deep; the message (file, record, id, field, expectation) is all a user needs.
+    """
+    try:
+        yield
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE) from exc
 
 
 def _parser_kwargs(run: bool) -> dict[str, Any]:

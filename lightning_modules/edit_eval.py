@@ -18,11 +18,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from backbones.base import VLM
+from backbones.base import VLM, PromptTooLongError
 from callbacks.case_log import CaseLog, write_summary
 from callbacks.results_table import format_table
-from datamodules.case import EditCase
-from editors.base import Editor
+from datamodules.case import EditCase, Probe
+from datamodules.records import BadRecordError
+from editors.base import EditHandle, Editor
 from lightning_modules.case_scoring import reference_outputs, score_cases
 from metrics.scores import ScoreSet
 
@@ -65,6 +66,7 @@ class EditEval(pl.LightningModule):
         self._edit_seconds = 0.0
         self._n_edits = 0
         self._n_resumed = 0
+        self._run_skipped: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- lifecycle
     def on_test_start(self) -> None:
@@ -89,33 +91,93 @@ class EditEval(pl.LightningModule):
         self._n_resumed += len(done)
         if not missing:
             return
-        reference = reference_outputs(self.backbone, missing, self.hparams.protocol, self.hparams.generation)
-        groups = [[c] for c in missing] if self.hparams.mode == "one_step" else [missing]
-        for group in groups:
-            for record in self._edit_and_score(group, reference):
-                self._record(record, write=record["case_id"] not in self._done)
+        for record in self._score_or_skip(missing):
+            self._record(record, write=record["case_id"] not in self._done)
 
-    def _edit_and_score(self, group: list[EditCase], reference) -> list[dict[str, Any]]:
+    def _score_or_skip(self, cases: list[EditCase]) -> list[dict[str, Any]]:
+        """Reference pass, edit and scores of `cases`, leaving out cases with a probe too long for the model.
+
+        Only the backbone can tell that a prompt (with its image tokens and any in-context
+        demonstrations) does not fit, and only here is it known which case and record the prompt came
+        from. Under `on_bad_record: error` that ends the run naming them; under `skip` the case gets a
+        skip record (kept in cases.jsonl, so resumed and multi-process runs report it too) and the
+        others are scored again without it. Editors restore the model themselves when `apply` fails.
+        """
+        skipped: list[dict[str, Any]] = []
+        while cases:
+            try:
+                reference = reference_outputs(
+                    self.backbone, cases, self.hparams.protocol, self.hparams.generation
+                )
+                return skipped + self._edit_and_score(cases, reference)
+            except PromptTooLongError as exc:
+                case = _owner(cases, exc.probe)
+                if case is None:
+                    raise
+                error = _located(case, exc)
+                if self._on_bad_record() != "skip":
+                    raise error from exc
+                skipped.append(
+                    {
+                        "case_id": case.case_id,
+                        "index": case.index,
+                        "source": case.source,
+                        "skipped": error.as_dict(),
+                    }
+                )
+                cases = [c for c in cases if c is not case]
+        return skipped
+
+    def _on_bad_record(self) -> str:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        hparams = getattr(datamodule, "hparams", {})
+        return str(hparams.get("on_bad_record", "error"))
+
+    def _edit_and_score(self, cases: list[EditCase], reference) -> list[dict[str, Any]]:
+        """Edit and score `cases`: one sequence, or one-step edits restored after each other.
+
+        One-step edits of an editor that changes no weights are applied side by side and scored in
+        shared forward passes; weight edits are scored one case at a time, each on its own model.
+        """
+        if self.hparams.mode == "sequential":
+            groups = [cases]
+        elif self.editor.changes_weights:
+            groups = [[c] for c in cases]
+        else:
+            groups = [cases]
+        records: list[dict[str, Any]] = []
+        for group in groups:
+            if self.hparams.mode == "sequential" or len(group) == 1:
+                handles = [self._apply_edits(group)] * len(group)
+            else:
+                handles = [self._apply_edits([case]) for case in group]
+            try:
+                records += score_cases(
+                    self.backbone,
+                    list(zip(group, handles, strict=True)),
+                    reference,
+                    self.hparams.protocol,
+                    self.hparams.generation,
+                    self.backbone.tokenizer.decode,
+                )
+            finally:
+                for handle in dict.fromkeys(handles):  # each distinct handle once
+                    handle.restore()
+        return records
+
+    def _apply_edits(self, cases: list[EditCase]) -> EditHandle:
         start = time.perf_counter()
         with torch.enable_grad():
-            handle = self.editor.apply(self.backbone, group)
+            handle = self.editor.apply(self.backbone, cases)
         self._edit_seconds += time.perf_counter() - start
-        self._n_edits += len(group)
-        try:
-            return score_cases(
-                self.backbone,
-                handle,
-                group,
-                reference,
-                self.hparams.protocol,
-                self.hparams.generation,
-                self.backbone.tokenizer.decode,
-            )
-        finally:
-            handle.restore()
+        self._n_edits += len(cases)
+        return handle
 
     def _record(self, record: dict[str, Any], write: bool) -> None:
-        self.scores.update_case(record["scores"])
+        if "skipped" in record:
+            self._run_skipped.append(record["skipped"])
+        else:
+            self.scores.update_case(record["scores"])
         if write and self._log is not None:
             self._log.append(record)
 
@@ -134,11 +196,14 @@ class EditEval(pl.LightningModule):
         datamodule = self.trainer.datamodule
         order = datamodule.case_ids() if datamodule is not None else []
         records = self._log.finalize(order) if self._log is not None else []
-        summary = build_summary(scores, self.hparams, records, len(order))
+        # Cases skipped while scoring: from the log when there is one (it holds every rank's cases).
+        run_skipped = [r["skipped"] for r in records if "skipped" in r] if self._log else self._run_skipped
+        skipped = (list(datamodule.skipped) if datamodule is not None else []) + run_skipped
+        summary = build_summary(scores, self.hparams, records, len(order) - len(run_skipped))
         summary.update(
             {
-                "n_skipped": len(datamodule.skipped) if datamodule is not None else 0,
-                "skipped": list(datamodule.skipped) if datamodule is not None else [],
+                "n_skipped": len(skipped),
+                "skipped": skipped,
                 "data": datamodule.describe() if datamodule is not None else {},
                 "backbone": self.backbone.describe(),
                 "editor": self.editor.describe(),
@@ -172,3 +237,26 @@ def build_summary(scores: dict[str, float], hparams: Any, records: list, n_cases
     summary["mode"] = hparams.mode
     summary["n_cases"] = n_cases
     return summary
+
+
+def _owner(cases: Sequence[EditCase], probe: Probe) -> EditCase | None:
+    """The case a probe belongs to; editors may hand the backbone a copy with context added."""
+    for case in cases:
+        if any(p is probe for p in (*case.edits, *case.all_probes())):
+            return case
+    key = (probe.prompt, probe.answer, probe.kind, probe.hop)
+    for case in cases:
+        if any((p.prompt, p.answer, p.kind, p.hop) == key for p in (*case.edits, *case.all_probes())):
+            return case
+    return None
+
+
+def _located(case: EditCase, exc: PromptTooLongError) -> BadRecordError:
+    """The backbone's length error with the file, record index and case id the probe came from."""
+    return BadRecordError(
+        case.meta.get("annotation_file", case.source or "<cases>"),
+        str(exc),
+        index=case.meta.get("record_index", case.index),
+        case_id=case.case_id,
+        field=f"{exc.probe.kind} prompt",
+    )

@@ -1,0 +1,135 @@
+"""What one edit case costs: the project's loop against its forward-pass floor and a naive loop.
+
+    python bench/eval_cost.py --config configs/edit/ike.yaml [--config ...] [--cases 12] [--no-generation]
+
+All three run on the same backbone and cases, one after another in this process:
+- floor: the forward passes a case needs, batched: one teacher-forced pass over all its probes,
+  plus the pre-edit locality answers once per dataset (and, with generation, one batched greedy
+  decode of its probes);
+- loop: EditEval under a Lightning Trainer, as `edit.py test` runs it; its edit time is reported
+  apart, since the floor cannot include what a method spends learning the edit;
+- naive: what research scripts do - deep-copy the model to restore it, recompute the unedited
+  model's locality answers for every case, and run one forward per probe.
+The loop's and the naive loop's summaries must agree; the script prints both and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from datamodules.case import EditCase
+from lightning_modules.case_scoring import reference_outputs, score_cases
+from lightning_modules.cli import EditCLI
+from lightning_modules.edit_eval import EditEval
+from metrics.scores import ScoreSet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build(configs: list[str], generation: bool, cases: int) -> tuple[EditEval, list[EditCase], object]:
+    args = [a for c in configs for a in ("--config", c)]
+    args += ["--trainer.logger", "false", "--model.generation", str(generation).lower(), "--data.limit", str(cases)]
+    cli = EditCLI(args=args, run=False)
+    data = cli.datamodule
+    data.setup("test")
+    return cli.model, [data.dataset[i] for i in range(len(data.dataset))], data
+
+
+def floor_seconds(module: EditEval, cases: list[EditCase]) -> float:
+    """One batched pass per case over its probes + the locality references once, greedy decode too."""
+    vlm, generation = module.backbone, module.hparams.generation
+    k = 10 if module.hparams.protocol == "mmedit_trainer" else 0
+    start = time.perf_counter()
+    loc = [p for c in cases for p in c.locality_probes()]
+    vlm.teacher_forced(loc, all_topk=k)
+    if generation:
+        vlm.generate(loc)
+    for case in cases:
+        vlm.teacher_forced(case.all_probes(), all_topk=k)
+        if generation:
+            vlm.generate(case.all_probes())
+    return time.perf_counter() - start
+
+
+def loop_seconds(module: EditEval, data) -> tuple[float, float, dict[str, float]]:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        inference_mode=False,
+    )
+    module.hparams.results_dir = None
+    start = time.perf_counter()
+    trainer.test(module, datamodule=data, verbose=False)
+    total = time.perf_counter() - start
+    return total, module._edit_seconds, module.scores.compute()
+
+
+def naive_seconds(module: EditEval, cases: list[EditCase]) -> tuple[float, float, dict[str, float]]:
+    """Deep copy to restore, locality references recomputed per case, one forward per probe."""
+    vlm, editor = module.backbone, module.editor
+    protocol, generation = module.hparams.protocol, module.hparams.generation
+    scores = ScoreSet(max_hops=module.hparams.max_hops)
+    edit_time = 0.0
+    chunk = vlm.max_batch_size
+    start = time.perf_counter()
+    try:
+        vlm.max_batch_size = 1  # one forward per probe
+        for case in cases:
+            saved = copy.deepcopy(vlm.model.state_dict())
+            reference = reference_outputs(vlm, [case], protocol, generation)
+            t = time.perf_counter()
+            with torch.enable_grad():
+                handle = editor.apply(vlm, [case])
+            edit_time += time.perf_counter() - t
+            (record,) = score_cases(vlm, [(case, handle)], reference, protocol, generation, vlm.tokenizer.decode)
+            scores.update_case(record["scores"])
+            vlm.model.load_state_dict(saved)
+    finally:
+        vlm.max_batch_size = chunk
+    return time.perf_counter() - start, edit_time, scores.compute()
+
+
+def same(a: dict[str, float], b: dict[str, float]) -> bool:
+    return all((math.isnan(a[k]) and math.isnan(b[k])) or abs(a[k] - b[k]) < 1e-6 for k in a)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", required=True, help="edit config(s), stacked in order")
+    parser.add_argument("--cases", type=int, default=12)
+    parser.add_argument("--no-generation", action="store_true", help="teacher-forced scores only")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    module, cases, data = build(args.config, not args.no_generation, args.cases)
+    module.editor.setup(module.backbone)
+    n = len(cases)
+    floor = floor_seconds(module, cases)
+    loop_total, loop_edit, loop_scores = loop_seconds(module, data)
+    naive_total, naive_edit, naive_scores = naive_seconds(module, cases)
+    print(f"\nbackbone {module.backbone.describe()['model_class']}, editor {module.editor.name}, {n} cases")
+    print(f"{'':28}{'s/case':>10}{'eval s/case':>13}")
+    print(f"{'floor (batched passes)':28}{floor / n:>10.4f}{floor / n:>13.4f}")
+    print(f"{'loop (EditEval)':28}{loop_total / n:>10.4f}{(loop_total - loop_edit) / n:>13.4f}")
+    print(f"{'naive loop':28}{naive_total / n:>10.4f}{(naive_total - naive_edit) / n:>13.4f}")
+    print(f"edit time per case: loop {loop_edit / n:.4f} s, naive {naive_edit / n:.4f} s")
+    print(f"ratio naive / loop (whole case):      {naive_total / loop_total:6.2f}x")
+    print(f"ratio loop / floor (evaluation only): {(loop_total - loop_edit) / floor:6.2f}x")
+    agree = same(loop_scores, naive_scores)
+    print(f"summaries identical: {agree}")
+    if not agree:
+        for key in loop_scores:
+            print(f"  {key:14} loop {loop_scores[key]:8.3f}  naive {naive_scores[key]:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""`WorldTrainData`: training batches for the world backbone, drawn from a world folder's true facts.
+
+Two stages (the LLaVA recipe the feasibility runs confirmed on 2 CPU cores):
+
+- stage 0, `stage0_steps` batches of `{"images", "labels"}`: renderings and their colour / shape /
+  pattern indices, for the vision tower alone;
+- stage 1, `stage1_steps` batches of `Probe`s, put through `vlm.loss` so the prompt layout is exactly
+  the one used at edit time. A batch is either plain (image questions on training renderings,
+  attribute, composite and caption questions included, plus a `text_share` of text facts) or, with
+  probability `context_batch_share`, a whole in-context batch laid out as IKE lays it out
+  ("New Fact: ..." with its image, then "Prompt: ..."): counterfactual facts that must be answered
+  from the context, and irrelevant facts whose answer must stay the memorised one. Whole batches,
+  not mixed in: mixing pads every row to the long context rows (the feasibility finding).
+
+Withheld facts and held-out wordings never appear; only training renderings (ids < pool_size) do.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.case import ContextItem, Probe
+from world.backbones import load_world
+from world.generate import Entity, World
+from world.probes import composite_questions, image_questions, known_relations, train_image_qas, train_text_qas
+from world.relations import CAPTION_TEMPLATES, EDITABLE
+from world.render import render
+
+FACT_FORMAT = "New Fact: {prompt} {target}"
+QUERY_FORMAT = "Prompt: {prompt}"
+DEMO_FORMAT = "New Fact: {prompt} {target}\nPrompt: {query} {answer}"
+
+
+class Renderings:
+    """Training renderings, drawn once on first use and kept (a pool is ~12k 32x32 images)."""
+
+    def __init__(self, world: World, pool_size: int) -> None:
+        self.world, self.pool_size = world, pool_size
+        self.cache: dict[tuple[str, int], Image.Image] = {}
+
+    def get(self, entity: Entity, rng: random.Random) -> Image.Image:
+        key = (entity.id, rng.randrange(self.pool_size))
+        if key not in self.cache:
+            self.cache[key] = render(entity.look, self.world.config, entity.id, key[1])
+        return self.cache[key]
+
+
+class WorldBatches(IterableDataset):
+    """The whole training schedule as one stream of ready batches (stage 0 first, then stage 1)."""
+
+    def __init__(self, data: WorldTrainData) -> None:
+        self.d = data
+        self.world = data.world
+        self.images = Renderings(self.world, data.pool_size)
+        self.text_qas = train_text_qas(self.world)
+        self.image_qas = {e.id: train_image_qas(self.world, e) for e in self.world.entities}
+        cfg = self.world.config
+        self.attr_index = [
+            {v: i for i, v in enumerate(values)} for values in (cfg.colours, cfg.shapes, cfg.patterns)
+        ]
+
+    def __len__(self) -> int:
+        # Known up front, so the progress bar shows the whole schedule.
+        return self.d.stage0_steps + self.d.stage1_steps
+
+    def __iter__(self) -> Iterator[object]:
+        rng = random.Random(self.d.seed)
+        for _ in range(self.d.stage0_steps):
+            yield self.attribute_batch(rng)
+        for _ in range(self.d.stage1_steps):
+            yield self.context_batch(rng) if rng.random() < self.d.context_batch_share else self.fact_batch(rng)
+
+    def attribute_batch(self, rng: random.Random) -> dict[str, object]:
+        entities = [rng.choice(self.world.entities) for _ in range(self.d.batch_size)]
+        labels = [
+            [idx[v] for idx, v in zip(self.attr_index, (e.look.colour, e.look.shape, e.look.pattern), strict=True)]
+            for e in entities
+        ]
+        return {"images": [self.images.get(e, rng) for e in entities], "labels": torch.tensor(labels)}
+
+    def fact(self, rng: random.Random) -> Probe:
+        if rng.random() < self.d.text_share:
+            q, a = rng.choice(self.text_qas)
+            return Probe(q, a)
+        entity = rng.choice(self.world.entities)
+        q, a = rng.choice(self.image_qas[entity.id])
+        return Probe(q, a, self.images.get(entity, rng))
+
+    def fact_batch(self, rng: random.Random) -> list[Probe]:
+        return [self.fact(rng) for _ in range(self.d.batch_size)]
+
+    def counterfactual(self, rng: random.Random, entity: Entity) -> tuple[str, str, str, str]:
+        """(relation, question, new answer, root value) of a made-up fact about `entity`."""
+        relation = rng.choice([*EDITABLE, "caption"])
+        if relation == "caption":
+            country = rng.choice(self.world.values["country"])
+            return "caption", rng.choice(CAPTION_TEMPLATES[0]), self.world.caption(entity, country), country
+        value = rng.choice([v for v in self.world.values[relation] if v != entity.facts[relation]])
+        return relation, rng.choice(image_questions(relation)), value, value
+
+    def context_probe(self, rng: random.Random) -> Probe:
+        world = self.world
+        entity = rng.choice(world.entities)
+        relation, fact_q, fact_a, root = self.counterfactual(rng, entity)
+        fact_image = self.images.get(entity, rng)
+        roll = rng.random()
+        if roll < 0.4:  # the fact itself, in any training wording, on this or another rendering
+            if relation == "caption":
+                q, a = rng.choice(CAPTION_TEMPLATES[0]), fact_a
+            else:
+                q, a = rng.choice(image_questions(relation)), fact_a
+            probe = Probe(q, a, fact_image if rng.random() < 0.5 else self.images.get(entity, rng))
+        elif roll < 0.55 and relation in EDITABLE:  # what follows from the fact (portability)
+            kwargs = {relation: root}
+            options = [(q, a) for q, a, r, _ in composite_questions(world, entity, **kwargs) if r == relation]
+            q, a = rng.choice(options)
+            probe = Probe(q, a, self.images.get(entity, rng))
+        else:  # irrelevant context: another entity, another relation, or a text fact keeps its answer
+            kind = rng.random()
+            if kind < 0.45:
+                other = rng.choice([e for e in world.entities if e.id != entity.id])
+                q, a = rng.choice(self.image_qas[other.id])
+                probe = Probe(q, a, self.images.get(other, rng))
+            elif kind < 0.75:
+                unrelated = [r for r in known_relations(entity) if r != relation]
+                r = rng.choice(unrelated)
+                probe = Probe(rng.choice(image_questions(r)), entity.answer(r), self.images.get(entity, rng))
+            else:
+                q, a = rng.choice(self.text_qas)
+                probe = Probe(q, a)
+        context = [ContextItem(FACT_FORMAT.format(prompt=fact_q, target=fact_a), fact_image)]
+        # IKE may put demonstrations before the new fact: show the model that layout too.
+        for _ in range(rng.choice((0, 0, 1, 2))):
+            demo_entity = rng.choice(world.entities)
+            _, dq, da, _ = self.counterfactual(rng, demo_entity)
+            text = DEMO_FORMAT.format(prompt=dq, target=da, query=dq, answer=da)
+            context.insert(0, ContextItem(text, self.images.get(demo_entity, rng)))
+        return Probe(QUERY_FORMAT.format(prompt=probe.prompt), probe.answer, probe.image, context=tuple(context))
+
+    def context_batch(self, rng: random.Random) -> list[Probe]:
+        return [self.context_probe(rng) for _ in range(self.d.batch_size)]
+
+
+def _identity(batch: object) -> object:
+    return batch
+
+
+class WorldTrainData(L.LightningDataModule):
+    """Batches of the world's training facts for `WorldBackboneTraining`.
+
+    Args:
+        world_dir: a folder written by `python -m world.build`.
+        batch_size: examples per batch (stage 0 and stage 1).
+        stage0_steps: vision-attribute batches first.
+        stage1_steps: fact batches after them.
+        text_share: share of text-only facts in a plain fact batch.
+        context_batch_share: share of stage-1 batches that are whole in-context batches.
+        pool_size: training renderings per entity (None: the world's own pool_size).
+        seed: the batch stream's seed.
+        world_config: a world YAML to build `world_dir` from when it is missing or stale.
+    """
+
+    def __init__(
+        self,
+        world_dir: str,
+        batch_size: int = 64,
+        stage0_steps: int = 300,
+        stage1_steps: int = 1200,
+        text_share: float = 0.15,
+        context_batch_share: float = 0.15,
+        pool_size: int | None = None,
+        seed: int = 0,
+        world_config: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or stage0_steps < 0 or stage1_steps < 0:
+            raise ValueError("batch_size must be >= 1 and stage0_steps, stage1_steps >= 0")
+        self.save_hyperparameters()
+        self.world_dir = world_dir
+        self.batch_size = batch_size
+        self.stage0_steps = stage0_steps
+        self.stage1_steps = stage1_steps
+        self.text_share = text_share
+        self.context_batch_share = context_batch_share
+        self.seed = seed
+        self.world = load_world(world_dir, world_config)
+        self.pool_size = pool_size or self.world.config.pool_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(WorldBatches(self), batch_size=None, collate_fn=_identity)
+
+    def transfer_batch_to_device(self, batch: object, device: torch.device, dataloader_idx: int) -> object:
+        """Probes hold PIL images and strings; the backbone builds its own tensors on its device."""
+        if isinstance(batch, dict):
+            return {"images": batch["images"], "labels": batch["labels"].to(device)}
+        return batch
