@@ -3,9 +3,9 @@
     python bench/eval_cost.py --config configs/edit/ike.yaml [--config ...] [--cases 12] [--no-generation]
 
 All three run on the same backbone and cases, one after another in this process:
-- floor: the forward passes a case needs, batched: one teacher-forced pass over all its probes,
-  plus the pre-edit locality answers once per dataset (and, with generation, one batched greedy
-  decode of its probes);
+- floor: the forward passes a case needs, batched: one teacher-forced pass over all its probes (as
+  the edited system asks them), plus the pre-edit locality answers once per dataset (and, with
+  generation, one batched greedy decode of those probes);
 - loop: EditEval under a Lightning Trainer, as `edit.py test` runs it; its edit time is reported
   apart, since the floor cannot include what a method spends learning the edit;
 - naive: what research scripts do - deep-copy the model to restore it, recompute the unedited
@@ -43,19 +43,30 @@ def build(configs: list[str], generation: bool, cases: int) -> tuple[EditEval, l
 
 
 def floor_seconds(module: EditEval, cases: list[EditCase]) -> float:
-    """One batched pass per case over its probes + the locality references once, greedy decode too."""
-    vlm, generation = module.backbone, module.hparams.generation
+    """The passes a case needs, batched: its probes as the edited system asks them, in one pass.
+
+    The edit itself is applied untimed (an in-context editor's probes carry its context, so the
+    floor includes that context); the locality references are one batched pass for the dataset.
+    """
+    vlm, editor, generation = module.backbone, module.editor, module.hparams.generation
     k = 10 if module.hparams.protocol == "mmedit_trainer" else 0
-    start = time.perf_counter()
     loc = [p for c in cases for p in c.locality_probes()]
+    start = time.perf_counter()
     vlm.teacher_forced(loc, all_topk=k)
     if generation:
         vlm.generate(loc)
+    spent = time.perf_counter() - start
     for case in cases:
-        vlm.teacher_forced(case.all_probes(), all_topk=k)
+        with torch.enable_grad():
+            handle = editor.apply(vlm, [case])
+        probes = handle.prepare(case.all_probes())
+        start = time.perf_counter()
+        vlm.teacher_forced(probes, all_topk=k)
         if generation:
-            vlm.generate(case.all_probes())
-    return time.perf_counter() - start
+            vlm.generate(probes)
+        spent += time.perf_counter() - start
+        handle.restore()
+    return spent
 
 
 def loop_seconds(module: EditEval, data) -> tuple[float, float, dict[str, float]]:

@@ -28,7 +28,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from datamodules.case import ContextItem, Probe
 from world.backbones import load_world
 from world.generate import Entity, World
-from world.probes import composite_questions, image_questions, known_relations, train_image_qas, train_text_qas
+from world.probes import (
+    composite_questions,
+    image_questions,
+    known_relations,
+    train_image_qas,
+    train_text_qas,
+)
 from world.relations import CAPTION_TEMPLATES, EDITABLE
 from world.render import render
 
@@ -74,12 +80,17 @@ class WorldBatches(IterableDataset):
         for _ in range(self.d.stage0_steps):
             yield self.attribute_batch(rng)
         for _ in range(self.d.stage1_steps):
-            yield self.context_batch(rng) if rng.random() < self.d.context_batch_share else self.fact_batch(rng)
+            yield (
+                self.context_batch(rng) if rng.random() < self.d.context_batch_share else self.fact_batch(rng)
+            )
 
     def attribute_batch(self, rng: random.Random) -> dict[str, object]:
         entities = [rng.choice(self.world.entities) for _ in range(self.d.batch_size)]
         labels = [
-            [idx[v] for idx, v in zip(self.attr_index, (e.look.colour, e.look.shape, e.look.pattern), strict=True)]
+            [
+                idx[v]
+                for idx, v in zip(self.attr_index, (e.look.colour, e.look.shape, e.look.pattern), strict=True)
+            ]
             for e in entities
         ]
         return {"images": [self.images.get(e, rng) for e in entities], "labels": torch.tensor(labels)}
@@ -141,7 +152,9 @@ class WorldBatches(IterableDataset):
             _, dq, da, _ = self.counterfactual(rng, demo_entity)
             text = DEMO_FORMAT.format(prompt=dq, target=da, query=dq, answer=da)
             context.insert(0, ContextItem(text, self.images.get(demo_entity, rng)))
-        return Probe(QUERY_FORMAT.format(prompt=probe.prompt), probe.answer, probe.image, context=tuple(context))
+        return Probe(
+            QUERY_FORMAT.format(prompt=probe.prompt), probe.answer, probe.image, context=tuple(context)
+        )
 
     def context_batch(self, rng: random.Random) -> list[Probe]:
         return [self.context_probe(rng) for _ in range(self.d.batch_size)]

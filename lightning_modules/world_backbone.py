@@ -104,8 +104,12 @@ class WorldBackboneTraining(pl.LightningModule):
         # Patch tokens only (position 0 is CLS in both CLIP and BLIP-2 towers): what the LM will read.
         pooled = tower(pixel_values=pixels).last_hidden_state[:, 1:].mean(1)
         labels = batch["labels"]
-        losses = [nn.functional.cross_entropy(head(pooled), labels[:, i]) for i, head in enumerate(self.heads)]
-        acc = torch.stack([(h(pooled).argmax(-1) == labels[:, i]).float().mean() for i, h in enumerate(self.heads)])
+        losses = [
+            nn.functional.cross_entropy(head(pooled), labels[:, i]) for i, head in enumerate(self.heads)
+        ]
+        acc = torch.stack(
+            [(h(pooled).argmax(-1) == labels[:, i]).float().mean() for i, h in enumerate(self.heads)]
+        )
         return sum(losses) / len(losses), acc.mean()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -409,9 +409,11 @@ def test_unwritable_results_folder_fails_before_any_case(tmp_path, monkeypatch, 
 
 # --- interrupted runs and determinism ----------------------------------------------------------------
 
-#: The runs compared below: FT on the first 6 sample cases, written one by one.
+#: The runs compared below: FT (3 steps) on the first 6 sample cases, written one by one, generation on.
 RUN_ARGS = [
     *_data_args(SAMPLE / "mmedit" / "vqa_eval.json", SAMPLE / "images", "error"),
+    "--model.editor.init_args.steps",
+    "3",
     "--data.limit",
     "6",
     "--data.batch_size",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import edit
 import train
 from datamodules.dataset import load_edit_dataset
 from datamodules.world_train import WorldTrainData
@@ -105,7 +106,9 @@ def test_training_never_shows_withheld_facts_or_held_out_wordings(tiny_world):
             assert not questions & set(image_questions(relation))
         assert not questions & held_out
     assert not {q for q, _ in train_text_qas(world)} & held_out
-    data = WorldTrainData(str(tiny_world), batch_size=8, stage0_steps=2, stage1_steps=30, context_batch_share=0.3)
+    data = WorldTrainData(
+        str(tiny_world), batch_size=8, stage0_steps=2, stage1_steps=30, context_batch_share=0.3
+    )
     batches = list(data.train_dataloader())
     assert len(batches) == 32 and set(batches[0]) == {"images", "labels"}
     probes = [p for b in batches[2:] for p in b]
@@ -120,19 +123,47 @@ def test_manifest_counts_triplets(tiny_world):
     assert demo.n_colours * demo.n_patterns * demo.n_shapes >= 200
 
 
-def test_tiny_backbone_learns_its_world(tiny_world, tmp_path):
-    """A short training (about half a minute) must leave the backbone knowing its facts well above chance."""
-    out = tmp_path / "backbone"
+@pytest.fixture(scope="module")
+def tiny_backbone(tiny_world, tmp_path_factory) -> Path:
+    """The tiny world's backbone after a short training (about half a minute on 2 cores)."""
+    out = tmp_path_factory.mktemp("backbone")
     world_args = [
         "--model.init_args.backbone.init_args.world_dir", str(tiny_world),
         "--data.init_args.world_dir", str(tiny_world),
         "--model.init_args.output_dir", str(out),
     ]  # fmt: skip
     train.main(["fit", "--config", str(ROOT / "configs" / "train" / "world_tiny.yaml"), *world_args])
-    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
-    rows = check(str(out), str(tiny_world))
+    return out
+
+
+def test_tiny_backbone_learns_its_world(tiny_world, tiny_backbone):
+    """Saved like a real checkpoint, loaded through the adapter, and knowing its facts well above chance."""
+    assert (tiny_backbone / "config.json").is_file() and (tiny_backbone / "tokenizer.json").is_file()
+    rows = check(str(tiny_backbone), str(tiny_world))
     # Chance is 1/6 at best (six countries; attributes 1/4..1/2); text facts are learnt completely.
     assert rows["image questions (new renderings)"]["em"] >= 40, rows
     assert rows["text-only facts"]["em"] >= 90, rows
     assert rows["withheld facts"]["em"] <= 40, rows
     assert rows["edit targets before editing (Rel)"]["tf"] <= 5, rows
+
+
+def test_edit_runs_on_the_world(tiny_world, tiny_backbone, tmp_path):
+    """The world overlay stacks on a method file and edit.py scores every probe kind, hops included."""
+    results = tmp_path / "results"
+    edit.main(
+        [
+            "test",
+            "--config", str(ROOT / "configs" / "edit" / "ft_llm.yaml"),
+            "--config", str(ROOT / "configs" / "edit" / "world" / "llava.yaml"),
+            "--model.backbone.init_args.pretrained", str(tiny_backbone),
+            "--data.annotation_file", str(tiny_world / "vlkeb" / "eval_multihop.json"),
+            "--data.image_root", str(tiny_world / "images"),
+            "--data.limit", "3",
+            "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false",
+            "--results_dir", str(results),
+        ]
+    )  # fmt: skip
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["n_cases"] == 3
+    assert all(summary[k] is not None for k in ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "port"))

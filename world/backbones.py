@@ -64,7 +64,9 @@ def load_world(world_dir: str | Path, world_config: str | None = None) -> World:
         build_world(load_world_config(world_config), world_dir)
     path = Path(world_dir) / "world.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: build the world first (python -m world.build --out {world_dir})")
+        raise FileNotFoundError(
+            f"{path} not found: build the world first (python -m world.build --out {world_dir})"
+        )
     return World.from_dict(json.loads(path.read_text()))
 
 
@@ -90,7 +92,9 @@ class WorldLlavaVLM(LlavaVLM):
         world_config: a world YAML to build `world_dir` from when it is missing or stale.
     """
 
-    def __init__(self, world_dir: str, spec: WorldSpec | None = None, world_config: str | None = None) -> None:
+    def __init__(
+        self, world_dir: str, spec: WorldSpec | None = None, world_config: str | None = None
+    ) -> None:
         VLM.__init__(self, "USER: {content} ASSISTANT:", "<image>\n", " ", 64, 0)
         spec = spec or WorldSpec()
         world = load_world(world_dir, world_config)
@@ -105,7 +109,9 @@ class WorldLlavaVLM(LlavaVLM):
             patch_size=spec.patch_size,
         )
         kwargs = _text_kwargs(spec, self.tokenizer)
-        text = LlamaConfig(**kwargs, intermediate_size=spec.hidden_size * 4, num_key_value_heads=spec.num_heads)
+        text = LlamaConfig(
+            **kwargs, intermediate_size=spec.hidden_size * 4, num_key_value_heads=spec.num_heads
+        )
         config = LlavaConfig(
             vision_config=vision,
             text_config=text,
@@ -127,8 +133,12 @@ class WorldBlip2VLM(Blip2OptVLM):
     Args: as `WorldLlavaVLM`.
     """
 
-    def __init__(self, world_dir: str, spec: WorldSpec | None = None, world_config: str | None = None) -> None:
-        VLM.__init__(self, self.default_prompt_format, self.default_image_text, self.default_answer_prefix, 64, 0)
+    def __init__(
+        self, world_dir: str, spec: WorldSpec | None = None, world_config: str | None = None
+    ) -> None:
+        VLM.__init__(
+            self, self.default_prompt_format, self.default_image_text, self.default_answer_prefix, 64, 0
+        )
         spec = spec or WorldSpec()
         world = load_world(world_dir, world_config)
         size = world.config.image_size

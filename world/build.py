@@ -53,7 +53,9 @@ def build_world(config: WorldConfig, out: str | Path, force: bool = False, verbo
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="world YAML (configs/world/*.yaml); default sizes if left out")
+    parser.add_argument(
+        "--config", default=None, help="world YAML (configs/world/*.yaml); default sizes if left out"
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
     parser.add_argument("--force", action="store_true", help="rebuild even when the folder is up to date")

@@ -72,7 +72,9 @@ def probe_sets(world: World, world_dir: str, split: str = "eval") -> dict[str, l
     sets["captions"] = []
     for e in entities:
         for r in known_relations(e):
-            sets["image questions (new renderings)"] += [Probe(q, e.answer(r), image(e)) for q in image_questions(r)]
+            sets["image questions (new renderings)"] += [
+                Probe(q, e.answer(r), image(e)) for q in image_questions(r)
+            ]
             if r in (*EDITABLE, *WITHHOLDABLE):
                 held = image_questions(r, held_out=True)
                 sets["held-out paraphrases"] += [Probe(q, e.answer(r), image(e)) for q in held]
@@ -81,7 +83,9 @@ def probe_sets(world: World, world_dir: str, split: str = "eval") -> dict[str, l
         sets["withheld facts"] += [Probe(q, a, image(e)) for q, a, _ in withheld_qas(e)]
         sets["captions"] += [Probe(q, world.caption(e), image(e)) for q in CAPTION_TEMPLATES[0]]
     for rel, s, a in world.text_facts():
-        sets["text-only facts"] += [Probe(text_question(rel, s, v), a) for v in range(len(TEXT_TEMPLATES[rel][1]))]
+        sets["text-only facts"] += [
+            Probe(text_question(rel, s, v), a) for v in range(len(TEXT_TEMPLATES[rel][1]))
+        ]
     data = load_edit_dataset(
         str(Path(world_dir) / "mmedit" / f"vqa_{split}.json"),
         str(Path(world_dir) / "images"),
@@ -95,13 +99,17 @@ def probe_sets(world: World, world_dir: str, split: str = "eval") -> dict[str, l
     sets["in-context new fact (IKE layout)"] = [
         Probe(QUERY_FORMAT.format(prompt=p.prompt), c.edit.answer, p.image, context=(fact,))
         for c in cases
-        for fact in [ContextItem(FACT_FORMAT.format(prompt=c.edit.prompt, target=c.edit.answer), c.edit.image)]
+        for fact in [
+            ContextItem(FACT_FORMAT.format(prompt=c.edit.prompt, target=c.edit.answer), c.edit.image)
+        ]
         for p in (c.probes["t_gen"][0], c.probes["i_gen"][0])
     ]
     sets["in-context, unrelated question"] = [
         Probe(QUERY_FORMAT.format(prompt=p.prompt), p.answer, p.image, context=(fact,))
         for c in cases
-        for fact in [ContextItem(FACT_FORMAT.format(prompt=c.edit.prompt, target=c.edit.answer), c.edit.image)]
+        for fact in [
+            ContextItem(FACT_FORMAT.format(prompt=c.edit.prompt, target=c.edit.answer), c.edit.image)
+        ]
         for p in c.locality_probes()
     ]
     return sets
@@ -153,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = check(args.backbone, args.world, args.split)
-    print(f"backbone {args.backbone} on {args.world} ({args.split} split), {time.perf_counter() - start:.0f}s")
+    print(
+        f"backbone {args.backbone} on {args.world} ({args.split} split), {time.perf_counter() - start:.0f}s"
+    )
     print(format_rows(rows), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

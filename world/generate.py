@@ -79,7 +79,10 @@ class World:
     def caption(self, entity: Entity, country: str | None = None) -> str:
         look = entity.look
         return CAPTION_FORMAT.format(
-            colour=look.colour, pattern=look.pattern, shape=look.shape, country=country or entity.facts["country"]
+            colour=look.colour,
+            pattern=look.pattern,
+            shape=look.shape,
+            country=country or entity.facts["country"],
         )
 
     def text_facts(self) -> list[tuple[str, str, str]]:
@@ -92,7 +95,13 @@ class World:
             "values": self.values,
             "links": self.links,
             "entities": [
-                {"id": e.id, "look": asdict(e.look), "facts": e.facts, "withheld": list(e.withheld), "split": e.split}
+                {
+                    "id": e.id,
+                    "look": asdict(e.look),
+                    "facts": e.facts,
+                    "withheld": list(e.withheld),
+                    "split": e.split,
+                }
                 for e in self.entities
             ],
             "edits": [asdict(x) for x in self.edits],
@@ -101,10 +110,15 @@ class World:
     @classmethod
     def from_dict(cls, data: dict) -> World:
         entities = [
-            Entity(d["id"], Look(**d["look"]), d["facts"], tuple(d["withheld"]), d["split"]) for d in data["entities"]
+            Entity(d["id"], Look(**d["look"]), d["facts"], tuple(d["withheld"]), d["split"])
+            for d in data["entities"]
         ]
         return cls(
-            WorldConfig(**data["config"]), data["values"], data["links"], entities, [Edit(**x) for x in data["edits"]]
+            WorldConfig(**data["config"]),
+            data["values"],
+            data["links"],
+            entities,
+            [Edit(**x) for x in data["edits"]],
         )
 
 
@@ -179,5 +193,7 @@ def generate_world(config: WorldConfig) -> World:
     for entity in entities:
         for relation in relations:
             old = entity.facts[relation]
-            world.edits.append(Edit(entity.id, relation, old, _pick_counterfactual(rng, world, relation, old)))
+            world.edits.append(
+                Edit(entity.id, relation, old, _pick_counterfactual(rng, world, relation, old))
+            )
     return world

@@ -55,9 +55,7 @@ def train_image_qas(world: World, entity: Entity) -> list[tuple[str, str]]:
 
 def train_text_qas(world: World) -> list[tuple[str, str]]:
     """Every text-only (question, answer) the backbone is trained on."""
-    return [
-        (t.format(s=s), a) for rel, s, a in world.text_facts() for t in TEXT_TEMPLATES[rel][1]
-    ]
+    return [(t.format(s=s), a) for rel, s, a in world.text_facts() for t in TEXT_TEMPLATES[rel][1]]
 
 
 def withheld_qas(entity: Entity) -> list[tuple[str, str, bool]]:

@@ -87,7 +87,9 @@ _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
 _CODAS = ("", "", "n", "r", "l", "s", "th", "nd")
 
 
-def make_names(rng: random.Random, count: int, taken: set[str], syllables: tuple[int, int] = (2, 3)) -> list[str]:
+def make_names(
+    rng: random.Random, count: int, taken: set[str], syllables: tuple[int, int] = (2, 3)
+) -> list[str]:
     """`count` new capitalised pseudo-words, none in `taken` (which is updated)."""
     names: list[str] = []
     while len(names) < count:

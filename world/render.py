@@ -40,7 +40,9 @@ def _shape_mask(shape: str, side: int) -> Image.Image:
     if shape == "circle":
         pen.ellipse((m, m, side - m, side - m), fill=255)
     elif shape == "square":
-        pen.rectangle((m + side // 20, m + side // 20, side - m - side // 20, side - m - side // 20), fill=255)
+        pen.rectangle(
+            (m + side // 20, m + side // 20, side - m - side // 20, side - m - side // 20), fill=255
+        )
     elif shape == "triangle":
         pen.polygon([(m, side - m), (side // 2, m), (side - m, side - m)], fill=255)
     elif shape == "cross":
@@ -56,7 +58,9 @@ def _shape_mask(shape: str, side: int) -> Image.Image:
 def _pattern_layer(pattern: str, colour: tuple[int, int, int], side: int) -> Image.Image:
     """The sprite's fill: the colour, with the pattern in a darker shade of it."""
     layer = Image.new("RGB", (side, side), colour)
-    dark = tuple(int(c * 0.4) for c in colour) if sum(colour) > 150 else tuple(min(255, c + 130) for c in colour)
+    dark = (
+        tuple(int(c * 0.4) for c in colour) if sum(colour) > 150 else tuple(min(255, c + 130) for c in colour)
+    )
     pen = ImageDraw.Draw(layer)
     step = side // 5
     if pattern == "striped":

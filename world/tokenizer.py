@@ -15,7 +15,13 @@ from transformers import PreTrainedTokenizerFast
 from backbones.tiny import BASE_SPECIAL_TOKENS
 from world.generate import World
 from world.probes import train_image_qas, train_text_qas, withheld_qas
-from world.relations import CAPTION_TEMPLATES, COMPOSITE_TEMPLATES, FRAME_TEXT, IMAGE_TEMPLATES, TEXT_TEMPLATES
+from world.relations import (
+    CAPTION_TEMPLATES,
+    COMPOSITE_TEMPLATES,
+    FRAME_TEXT,
+    IMAGE_TEMPLATES,
+    TEXT_TEMPLATES,
+)
 
 IMAGE_TOKEN = "<image>"
 
@@ -47,7 +53,9 @@ def build_tokenizer(world: World) -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre
     # WordPiece's decoder joins words with spaces and glues punctuation back ("Veld ." -> "Veld.").
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    core.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    core.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",

@@ -79,7 +79,13 @@ def _port_new(world: World, entity: Entity, edit: Edit, style: str) -> list[dict
     depth = len(CHAINS[edit.relation])
     if style == "multihop":
         return [
-            {"port_type": f"{h}-hop", "Q&A": {"Question": composites[edit.relation, h][0], "Answer": composites[edit.relation, h][1]}}
+            {
+                "port_type": f"{h}-hop",
+                "Q&A": {
+                    "Question": composites[edit.relation, h][0],
+                    "Answer": composites[edit.relation, h][1],
+                },
+            }
             for h in range(1, depth + 1)
         ]
     edit_q, edit_a = composites[edit.relation, 1]
