@@ -20,7 +20,6 @@ from transformers import (
     Blip2QFormerConfig,
     Blip2VisionConfig,
     BlipImageProcessorPil,
-    LlamaConfig,
     OPTConfig,
     PretrainedConfig,
 )
@@ -215,19 +214,3 @@ def build_tiny_blip2(spec: TinySpec, text_config_fn) -> tuple[Blip2AnyPrompt, ob
     model = Blip2AnyPrompt(config)
     processor = BlipImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size})
     return model, tokenizer, processor
-
-
-def tiny_llama_text_config(spec: TinySpec, tokenizer) -> LlamaConfig:
-    """The Llama (Vicuna) language model of a tiny MiniGPT-4."""
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.hidden_size * 2,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )

@@ -11,8 +11,6 @@ from collections.abc import Callable
 import torch
 from transformers import (
     CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -24,7 +22,7 @@ from transformers import (
     ProcessorMixin,
 )
 
-from backbones.tiny import TinySpec, byte_tokenizer
+from backbones.tiny import TinySpec, byte_tokenizer, tiny_clip_vision_config, tiny_llama_config
 
 # LLaVA-1.5's conversation, written as a chat template: images go in front of the text of a turn.
 VICUNA_CHAT_TEMPLATE = (
@@ -35,38 +33,12 @@ VICUNA_CHAT_TEMPLATE = (
 )
 
 
-def _vision(spec: TinySpec) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=spec.vision_hidden_size,
-        intermediate_size=spec.vision_hidden_size * 2,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.num_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-    )
-
-
-def _text(spec: TinySpec, tokenizer) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.hidden_size * 2,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-
-
 def tiny_llava(spec: TinySpec) -> tuple[PreTrainedModel, ProcessorMixin]:
     """LLaVA-1.5: a fixed number of image tokens per image."""
     tokenizer = byte_tokenizer(("<image>",), chat_template=VICUNA_CHAT_TEMPLATE)
     config = LlavaConfig(
-        vision_config=_vision(spec),
-        text_config=_text(spec, tokenizer),
+        vision_config=tiny_clip_vision_config(spec),
+        text_config=tiny_llama_config(spec, tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
@@ -94,8 +66,8 @@ def tiny_llava_next(spec: TinySpec) -> tuple[PreTrainedModel, ProcessorMixin]:
     s = spec.image_size
     pinpoints = [[s, s], [s, 2 * s], [2 * s, s]]
     config = LlavaNextConfig(
-        vision_config=_vision(spec),
-        text_config=_text(spec, tokenizer),
+        vision_config=tiny_clip_vision_config(spec),
+        text_config=tiny_llama_config(spec, tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         image_grid_pinpoints=pinpoints,

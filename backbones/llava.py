@@ -9,16 +9,14 @@ from PIL import Image
 from torch import nn
 from transformers import (
     AutoTokenizer,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
+    CLIPImageProcessorPil,
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
 
 from backbones.base import VLM
 from backbones.loading import resolve_dtype
-from backbones.tiny import TinySpec, byte_tokenizer
+from backbones.tiny import TinySpec, byte_tokenizer, tiny_clip_vision_config, tiny_llama_config
 
 
 class LlavaVLM(VLM):
@@ -56,7 +54,7 @@ class LlavaVLM(VLM):
                 pretrained, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
             )
             self.tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
-            self.image_processor = CLIPImageProcessor.from_pretrained(pretrained)
+            self.image_processor = CLIPImageProcessorPil.from_pretrained(pretrained)
         else:
             self.model, self.tokenizer, self.image_processor = build_tiny_llava(tiny)
             self.model.to(resolve_dtype(dtype))
@@ -86,28 +84,10 @@ class LlavaVLM(VLM):
         return self.model.model.language_model.layers
 
 
-def build_tiny_llava(spec: TinySpec) -> tuple[LlavaForConditionalGeneration, object, CLIPImageProcessor]:
+def build_tiny_llava(spec: TinySpec) -> tuple[LlavaForConditionalGeneration, object, CLIPImageProcessorPil]:
     tokenizer = byte_tokenizer(("<image>",))
-    vision = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden_size,
-        intermediate_size=spec.vision_hidden_size * 2,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.num_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.hidden_size * 2,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    vision = tiny_clip_vision_config(spec)
+    text = tiny_llama_config(spec, tokenizer)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -117,7 +97,7 @@ def build_tiny_llava(spec: TinySpec) -> tuple[LlavaForConditionalGeneration, obj
     )
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config)
-    processor = CLIPImageProcessor(
+    processor = CLIPImageProcessorPil(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
     )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from backbones.blip2 import Blip2FamilyVLM, tiny_llama_text_config
+from backbones.blip2 import Blip2FamilyVLM
+from backbones.tiny import tiny_llama_config
 
 
 class MiniGPT4VLM(Blip2FamilyVLM):
@@ -18,7 +19,7 @@ class MiniGPT4VLM(Blip2FamilyVLM):
     default_prompt_format = "###Human: {content} ###Assistant:"
     default_image_text = "<Img><image></Img> "
     default_answer_prefix = " "
-    tiny_text_config = staticmethod(tiny_llama_text_config)
+    tiny_text_config = staticmethod(tiny_llama_config)
 
     def check_pretrained(self, pretrained: str) -> None:
         # There is no official hub checkpoint in this format, so a hub name can only be a mistake.

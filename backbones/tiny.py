@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
-from transformers import PreTrainedTokenizerFast
+from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
 BASE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -77,3 +77,31 @@ def byte_tokenizer(
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok
+
+
+def tiny_clip_vision_config(spec: TinySpec) -> CLIPVisionConfig:
+    """The CLIP vision tower of the tiny LLaVA-style families."""
+    return CLIPVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_hidden_size * 2,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.num_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+    )
+
+
+def tiny_llama_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """The Llama language model of the tiny LLaVA, LLaVA-NeXT and MiniGPT-4 families."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.hidden_size * 2,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )

@@ -33,7 +33,12 @@ def measure(configs: list[str], cases: int) -> dict[str, float | str]:
     sys.path.insert(0, str(ROOT))
     from lightning_modules.cli import EditCLI
 
-    args = [a for c in configs for a in ("--config", c)] + ["--trainer.logger", "false", "--data.limit", str(cases)]
+    args = [a for c in configs for a in ("--config", c)] + [
+        "--trainer.logger",
+        "false",
+        "--data.limit",
+        str(cases),
+    ]
     cli = EditCLI(args=args, run=False)
     vlm, editor, data = cli.model.backbone, cli.model.editor, cli.datamodule
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{method}: failed\n{proc.stderr[-2000:]}")
             continue
         rows.append(json.loads(line[0][7:]))
-    print(f"\n{'method':10}{'device':>12}{'params (M)':>12}{'edit s':>10}{'first s':>10}{'model MiB':>11}{'peak +MiB':>11}")
+    print(
+        f"\n{'method':10}{'device':>12}{'params (M)':>12}{'edit s':>10}{'first s':>10}{'model MiB':>11}{'peak +MiB':>11}"
+    )
     for r in rows:
         print(
             f"{r['method']:10}{r['device'][:12]:>12}{r['params_m']:>12.2f}{r['edit_s']:>10.4f}"

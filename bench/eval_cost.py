@@ -21,13 +21,13 @@ import math
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 
-from datamodules.case import EditCase
+from datamodules.case import PROBE_KINDS, EditCase
 from lightning_modules.case_scoring import reference_outputs, score_cases
-from lightning_modules.cli import EditCLI
+from lightning_modules.cli import EditCLI, edit_trainer
 from lightning_modules.edit_eval import EditEval
+from metrics.protocols import topk_needed
 from metrics.scores import ScoreSet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def build(configs: list[str], generation: bool, cases: int) -> tuple[EditEval, list[EditCase], object]:
     args = [a for c in configs for a in ("--config", c)]
-    args += ["--trainer.logger", "false", "--model.generation", str(generation).lower(), "--data.limit", str(cases)]
+    args += [
+        "--trainer.logger",
+        "false",
+        "--model.generation",
+        str(generation).lower(),
+        "--data.limit",
+        str(cases),
+    ]
     cli = EditCLI(args=args, run=False)
     data = cli.datamodule
     data.setup("test")
@@ -49,7 +56,7 @@ def floor_seconds(module: EditEval, cases: list[EditCase]) -> float:
     floor includes that context); the locality references are one batched pass for the dataset.
     """
     vlm, editor, generation = module.backbone, module.editor, module.hparams.generation
-    k = 10 if module.hparams.protocol == "mmedit_trainer" else 0
+    k = max(topk_needed(module.hparams.protocol, kind) for kind in PROBE_KINDS)
     loc = [p for c in cases for p in c.locality_probes()]
     start = time.perf_counter()
     vlm.teacher_forced(loc, all_topk=k)
@@ -70,14 +77,7 @@ def floor_seconds(module: EditEval, cases: list[EditCase]) -> float:
 
 
 def loop_seconds(module: EditEval, data) -> tuple[float, float, dict[str, float]]:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        inference_mode=False,
-    )
+    trainer = edit_trainer()
     module.hparams.results_dir = None
     start = time.perf_counter()
     trainer.test(module, datamodule=data, verbose=False)
@@ -102,7 +102,9 @@ def naive_seconds(module: EditEval, cases: list[EditCase]) -> tuple[float, float
             with torch.enable_grad():
                 handle = editor.apply(vlm, [case])
             edit_time += time.perf_counter() - t
-            (record,) = score_cases(vlm, [(case, handle)], reference, protocol, generation, vlm.tokenizer.decode)
+            (record,) = score_cases(
+                vlm, [(case, handle)], reference, protocol, generation, vlm.tokenizer.decode
+            )
             scores.update_case(record["scores"])
             vlm.model.load_state_dict(saved)
     finally:

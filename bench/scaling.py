@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import lightning.pytorch as pl
 from torch.utils.data import Dataset
 
 from backbones import LlavaVLM, TinySpec
 from datamodules.case import EditCase
 from datamodules.dataset import with_id_prefix
-from lightning_modules.cli import EditCLI
+from lightning_modules.cli import EditCLI, edit_trainer
 from lightning_modules.edit_eval import EditEval
 
 
@@ -47,20 +46,15 @@ def cases_per_second(configs: list[str], n: int, width: int | None = None, k: in
     cli = EditCLI(args=args, run=False)
     module: EditEval = cli.model
     if width is not None:
-        spec = TinySpec(hidden_size=width, vision_hidden_size=width, num_layers=max(2, width // 32), num_heads=4)
+        spec = TinySpec(
+            hidden_size=width, vision_hidden_size=width, num_layers=max(2, width // 32), num_heads=4
+        )
         keep = {k: module.hparams[k] for k in ("mode", "protocol", "generation", "max_hops")}
         module = EditEval(LlavaVLM(tiny=spec), module.editor, **keep)
     data = cli.datamodule
     data.setup("test")
     data.dataset = Cycled(data.dataset, n)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        inference_mode=False,
-    )
+    trainer = edit_trainer()
     start = time.perf_counter()
     trainer.test(module, datamodule=data, verbose=False)
     return n / (time.perf_counter() - start)

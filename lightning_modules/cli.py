@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
 from backbones.base import PromptTooLongError
@@ -42,6 +43,12 @@ EDIT_TRAINER_DEFAULTS: dict[str, Any] = {
     "inference_mode": False,
     "enable_checkpointing": False,
 }
+
+
+def edit_trainer(**overrides: Any) -> pl.Trainer:
+    """A Trainer set up as `edit.py test` sets it up (for benchmarks, notebooks and tests)."""
+    quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    return pl.Trainer(**{"accelerator": "cpu", **EDIT_TRAINER_DEFAULTS, **quiet, **overrides})
 
 
 class EditCLI(LightningCLI):

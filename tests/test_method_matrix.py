@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from tiny_families import FAMILIES
 
 from datamodules.edit_datamodule import EditDataModule
 from editors import IKE, FineTune
+from lightning_modules.cli import edit_trainer
 from lightning_modules.edit_eval import EditEval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,14 +46,7 @@ def test_method_runs_on_family(family, method, mode, tmp_path):
     else:
         data = EditDataModule(str(SAMPLE / "vlkeb" / "eval_multihop.json"), IMAGES, limit=3, batch_size=3)
     module = EditEval(vlm, make_editor(method), mode=mode, results_dir=str(tmp_path))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        inference_mode=False,
-    )
+    trainer = edit_trainer()
     trainer.test(module, datamodule=data, verbose=False)
     scores = module.scores.compute()
     for key in ("rel", "t_gen", "i_gen", "t_loc", "i_loc"):

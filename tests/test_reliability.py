@@ -324,6 +324,26 @@ def test_bad_input(tmp_path, monkeypatch, capsys, image_root, case: BadCase, pol
     assert case.field is None or f"field {case.field!r}" in message, message
 
 
+def test_skipped_long_prompt_is_kept_across_a_resume(tmp_path, monkeypatch, image_root):
+    # The skip is a line of cases.jsonl: a rerun (or rank 0 of a DDP run) reports it without
+    # recomputing it, and the summary stays the same.
+    monkeypatch.chdir(tmp_path)
+    records = _set("src", LONG)(_records("vqa"), image_root, tmp_path)
+    annotation = tmp_path / "vqa_eval.json"
+    annotation.write_text(json.dumps(records))
+    args = [*FAST, *_data_args(annotation, image_root, "skip")]
+    first = run_cli(tmp_path, *args)
+    lines = (tmp_path / "results" / "cases.jsonl").read_text().splitlines()
+    assert [json.loads(line)["case_id"] for line in lines] == IDS
+    assert json.loads(lines[1])["skipped"]["field"] == "rel prompt"
+    second = run_cli(tmp_path, *args)
+    assert second["n_resumed_rank0"] == 2
+    assert (tmp_path / "results" / "cases.jsonl").read_text().splitlines() == lines
+    assert {k: second[k] for k in ("rel", "n_cases", "n_skipped", "skipped")} == {
+        k: first[k] for k in ("rel", "n_cases", "n_skipped", "skipped")
+    }
+
+
 # --- configuration, checkpoints and the results folder -----------------------------------------------
 
 CONFIG_ERRORS = [
