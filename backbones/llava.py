@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     CLIPImageProcessorPil,
     LlavaConfig,
@@ -27,6 +28,9 @@ class LlavaVLM(VLM):
         tiny: build a tiny randomly initialised LLaVA instead (tests, CI); exclusive with `pretrained`.
         dtype: float32, bfloat16 or float16.
         trust_remote_code: passed to `from_pretrained`; off unless a config turns it on.
+        random_init: read only the config, tokenizer and processor from `pretrained` and initialise
+            the weights randomly, on the GPU when there is one (memory and speed planning for a
+            model whose weights are not at hand).
         prompt_format: LLaVA-1.5's conversation format by default.
     """
 
@@ -38,6 +42,7 @@ class LlavaVLM(VLM):
         tiny: TinySpec | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        random_init: bool = False,
         prompt_format: str = "USER: {content} ASSISTANT:",
         image_text: str = "<image>\n",
         answer_prefix: str = " ",
@@ -49,10 +54,15 @@ class LlavaVLM(VLM):
             raise ValueError(
                 "LlavaVLM: give exactly one of 'pretrained' (a path or hub name) or 'tiny' (sizes)"
             )
+        if pretrained is not None and random_init:
+            config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                self.model = LlavaForConditionalGeneration._from_config(config, dtype=resolve_dtype(dtype))
         if pretrained is not None:
-            self.model = LlavaForConditionalGeneration.from_pretrained(
-                pretrained, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-            )
+            if not random_init:
+                self.model = LlavaForConditionalGeneration.from_pretrained(
+                    pretrained, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+                )
             self.tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
             self.image_processor = CLIPImageProcessorPil.from_pretrained(pretrained)
         else:

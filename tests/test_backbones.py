@@ -170,3 +170,21 @@ def test_backbone_configs_parse(path: Path) -> None:
     if path.name.startswith("tiny_"):
         backbone = parser.instantiate_classes(cfg).backbone
         assert isinstance(backbone, VLM) and backbone.teacher_forced(probes()[:2])
+
+
+def test_llava_random_init_reads_only_the_config(tmp_path: Path) -> None:
+    """`random_init` builds the architecture of a checkpoint folder that holds no weights."""
+    from backbones import LlavaVLM, TinySpec
+
+    tiny = LlavaVLM(tiny=TinySpec(hidden_size=64, num_layers=3))
+    tiny.model.config.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    tiny.image_processor.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+    vlm = LlavaVLM(pretrained=str(tmp_path), random_init=True)
+    assert vlm.num_language_layers == 3
+    assert {k: v.shape for k, v in vlm.model.state_dict().items()} == {
+        k: v.shape for k, v in tiny.model.state_dict().items()
+    }
+    out = vlm.teacher_forced([Probe("What is it?", "a cat", image((40, 30)))])
+    assert len(out) == 1 and out[0].pred.shape == out[0].labels.shape
