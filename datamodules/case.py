@@ -67,6 +67,9 @@ class EditCase:
     extra_edits: list[Probe] = field(default_factory=list)
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Set when the record turned out bad only on decoding (under `on_bad_record: skip`): the
+    #: file, index, id, field and message. Such a case is counted as skipped, never scored.
+    skip_reason: dict[str, Any] | None = None
 
     @property
     def edits(self) -> list[Probe]:

@@ -47,8 +47,10 @@ class EditDataset(Dataset[EditCase]):
         n_records: int,
         skipped: list[dict[str, Any]],
         skip_reasons: dict[str, int],
+        on_bad_record: str = "error",
     ) -> None:
         self.file = file
+        self.on_bad_record = on_bad_record
         self.plans = plans
         self.loader = loader
         self.format = fmt
@@ -66,6 +68,25 @@ class EditDataset(Dataset[EditCase]):
         return len(self.plans)
 
     def __getitem__(self, i: int) -> EditCase:
+        try:
+            return self._case(i)
+        except BadRecordError as exc:
+            # An image that only fails when decoded (truncated, corrupt, too large) is found here,
+            # in a loader worker. Under `skip` the case travels on as a skip marker, so the loop
+            # counts and reports it like any other bad record instead of the run ending.
+            if self.on_bad_record != "skip":
+                raise
+            plan = self.plans[i]
+            return EditCase(
+                case_id=plan.case_id,
+                index=i,
+                edit=Probe(prompt="", answer=""),
+                probes={},
+                source=self.format,
+                skip_reason=exc.as_dict(),
+            )
+
+    def _case(self, i: int) -> EditCase:
         plan = self.plans[i]
         memo: dict[str, Image.Image] = {}
         edit = self._probe(plan, plan.edit, memo)
@@ -215,6 +236,7 @@ def load_edit_dataset(
         n_records=len(records),
         skipped=issues.skipped,
         skip_reasons=issues.reasons(),
+        on_bad_record=on_bad_record,
     )
 
 

@@ -89,6 +89,9 @@ class EditEval(pl.LightningModule):
         for case in done:
             self._record(self._done[case.case_id], write=False)
         self._n_resumed += len(done)
+        for case in [c for c in missing if c.skip_reason is not None]:
+            self._record(_skip_record(case, case.skip_reason), write=True)
+        missing = [c for c in missing if c.skip_reason is None]
         if not missing:
             return
         for record in self._score_or_skip(missing):
@@ -117,14 +120,7 @@ class EditEval(pl.LightningModule):
                 error = _located(case, exc)
                 if self._on_bad_record() != "skip":
                     raise error from exc
-                skipped.append(
-                    {
-                        "case_id": case.case_id,
-                        "index": case.index,
-                        "source": case.source,
-                        "skipped": error.as_dict(),
-                    }
-                )
+                skipped.append(_skip_record(case, error.as_dict()))
                 cases = [c for c in cases if c is not case]
         return skipped
 
@@ -260,3 +256,8 @@ def _located(case: EditCase, exc: PromptTooLongError) -> BadRecordError:
         case_id=case.case_id,
         field=f"{exc.probe.kind} prompt",
     )
+
+
+def _skip_record(case: EditCase, reason: dict[str, Any]) -> dict[str, Any]:
+    """The cases.jsonl line of a skipped case: kept so resumed and multi-process runs report it."""
+    return {"case_id": case.case_id, "index": case.index, "source": case.source, "skipped": reason}

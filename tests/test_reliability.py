@@ -134,8 +134,8 @@ class BadCase:
     """One bad (or unusual) input.
 
     `outcome`: `record` (an error naming file/record/id/field under policy error, a counted skip under
-    skip), `file` (an error under either policy: there is no record to skip), `decode` (found when the
-    image is decoded in the test loop: an error naming the record under either policy), `ok` (must work).
+    skip; images that only fail when decoded are found in the loader and skipped there), `file` (an
+    error under either policy: there is no record to skip), `ok` (must work).
     `mutate(records, image_root, tmp)` returns the records (or raw bytes) to write; `args` are extra
     CLI arguments, built from the same three paths.
     """
@@ -258,11 +258,11 @@ BAD_CASES = [
             message="more than the model's 1024 positions"),
     BadCase("locality_prompt_too_long", "record", _set("loc", LONG), field="t_loc prompt",
             message="more than the model's 1024 positions"),
-    BadCase("truncated_image", "decode", _image("cut.png", _truncated), field="image_rephrase",
+    BadCase("truncated_image", "record", _image("cut.png", _truncated), field="image_rephrase",
             message="cannot decode image file"),
-    BadCase("corrupt_image", "decode", _image("junk.png", _corrupt), field="image_rephrase",
+    BadCase("corrupt_image", "record", _image("junk.png", _corrupt), field="image_rephrase",
             message="cannot decode image file"),
-    BadCase("decompression_bomb", "decode", _decompression_bomb, field="m_loc", message="max_image_pixels=10000",
+    BadCase("decompression_bomb", "record", _decompression_bomb, field="m_loc", message="max_image_pixels=10000",
             args=lambda root, tmp: ["--data.max_image_pixels", "10000"]),
     BadCase("cmyk_image", "ok", _image("cmyk.jpg", _save("CMYK", "JPEG"), modes=("CMYK",))),
     BadCase("sixteen_bit_image", "ok", _image("grey16.png", _save(_sixteen_bit, "PNG"), key="image",
