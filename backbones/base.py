@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from PIL import Image
 from torch import nn
 
 from datamodules.case import Probe
-from metrics.functional import TeacherForced, teacher_forced_outputs
+from metrics.functional import IGNORE_INDEX, TeacherForced, teacher_forced_outputs
 
-IGNORE_INDEX = -100
+T = TypeVar("T")
 
 
 class PromptTooLongError(ValueError):
@@ -314,22 +315,32 @@ class VLM(nn.Module, abc.ABC):
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
         )
 
-    def _chunks(self, probes: Sequence[Probe]) -> Iterator[Sequence[Probe]]:
-        for i in range(0, len(probes), self.max_batch_size):
-            yield probes[i : i + self.max_batch_size]
+    def _in_chunks(self, probes: Sequence[Probe], run: Callable[[Sequence[Probe]], list[T]]) -> list[T]:
+        """`run` over chunks of at most `max_batch_size` probes of similar length, results in input order.
+
+        Probes are grouped by image count and text length first, so a chunk pads little: batching
+        many cases' probes together then costs close to their own tokens, not the longest one's.
+        The order is a pure function of the probes, so the same probes always form the same chunks.
+        """
+        order = sorted(range(len(probes)), key=lambda i: _length_key(probes[i]))
+        results: list[T | None] = [None] * len(probes)
+        for start in range(0, len(order), self.max_batch_size):
+            idx = order[start : start + self.max_batch_size]
+            for i, result in zip(idx, run([probes[i] for i in idx]), strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]
 
     @torch.inference_mode()
     def teacher_forced(self, probes: Sequence[Probe], all_topk: int = 0) -> list[TeacherForced]:
         """Argmax predictions at answer positions (logit t predicts token t+1), batched in chunks."""
-        out: list[TeacherForced] = []
-        for chunk in self._chunks(probes):
+
+        def run(chunk: Sequence[Probe]) -> list[TeacherForced]:
             batch = self.build_batch(chunk)
-            out.extend(
-                teacher_forced_outputs(
-                    self.logits(batch), batch.labels, batch.answer_spans, batch.lengths, all_topk
-                )
+            return teacher_forced_outputs(
+                self.logits(batch), batch.labels, batch.answer_spans, batch.lengths, all_topk
             )
-        return out
+
+        return self._in_chunks(probes, run)
 
     @torch.inference_mode()
     def generate(self, probes: Sequence[Probe]) -> list[str]:
@@ -338,8 +349,8 @@ class VLM(nn.Module, abc.ABC):
         A chunk decodes together up to its longest budget; each row is then cut to its own budget,
         so a probe's generation does not depend on which other probes share its batch.
         """
-        texts: list[str] = []
-        for chunk in self._chunks(probes):
+
+        def run(chunk: Sequence[Probe]) -> list[str]:
             batch = self.build_batch(chunk, with_answers=False)
             budgets = [len(self.encode_answer(p.answer)) + self.max_new_tokens for p in chunk]
             out = self.model.generate(
@@ -350,20 +361,29 @@ class VLM(nn.Module, abc.ABC):
                 pad_token_id=self.tokenizer.pad_token_id,
             )
             new = out[:, batch.inputs["input_ids"].shape[1] :]
-            texts.extend(
+            return [
                 self.tokenizer.decode(row[:budget], skip_special_tokens=True)
                 for row, budget in zip(new, budgets, strict=True)
-            )
-        return texts
+            ]
+
+        return self._in_chunks(probes, run)
 
     @torch.inference_mode()
     def embed(self, probes: Sequence[Probe]) -> torch.Tensor:
         """One vector per probe: the last language layer's states, mean-pooled over the prompt."""
-        vectors = []
-        for chunk in self._chunks(probes):
+
+        def run(chunk: Sequence[Probe]) -> list[torch.Tensor]:
             batch = self.build_batch(chunk, with_answers=False)
             with self.capture_hidden([-1]) as hidden:
                 self.model(**batch.inputs)
             mask = batch.inputs["attention_mask"].unsqueeze(-1).to(hidden[-1].dtype)
-            vectors.append(((hidden[-1] * mask).sum(1) / mask.sum(1)).float().cpu())
-        return torch.cat(vectors)
+            return list(((hidden[-1] * mask).sum(1) / mask.sum(1)).float().cpu())
+
+        return torch.stack(self._in_chunks(probes, run)) if probes else torch.zeros(0)
+
+
+def _length_key(probe: Probe) -> tuple[int, int]:
+    """A cheap stand-in for a probe's token length: its images, then its characters."""
+    images = sum(item.image is not None for item in probe.context) + (probe.image is not None)
+    chars = len(probe.prompt) + len(probe.answer) + sum(len(item.text) for item in probe.context)
+    return images, chars
