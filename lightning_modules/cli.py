@@ -62,7 +62,9 @@ class EditCLI(LightningCLI):
                 args=args,
                 run=run,
                 trainer_defaults=EDIT_TRAINER_DEFAULTS,
-                save_config_kwargs={"overwrite": True},
+                # summary.json records the full resolved config next to the results it produced; a
+            # config.yaml dropped into the working folder by every run would only be clutter.
+            save_config_callback=None,
                 parser_kwargs=_parser_kwargs(run),
             )
 
