@@ -63,8 +63,8 @@ class EditCLI(LightningCLI):
                 run=run,
                 trainer_defaults=EDIT_TRAINER_DEFAULTS,
                 # summary.json records the full resolved config next to the results it produced; a
-            # config.yaml dropped into the working folder by every run would only be clutter.
-            save_config_callback=None,
+                # config.yaml dropped into the working folder by every run would only be clutter.
+                save_config_callback=None,
                 parser_kwargs=_parser_kwargs(run),
             )
 

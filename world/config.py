@@ -27,6 +27,9 @@ ALL_COLOURS = {
     "navy": (20, 30, 110),
 }
 ALL_PATTERNS = ("plain", "striped", "dotted", "checked", "ringed")
+#: Bump when the generator's output changes for the same config (templates, layout), so cached world
+#: folders are rebuilt rather than silently reused.
+GENERATOR_VERSION = 2
 
 
 @dataclass
@@ -96,8 +99,9 @@ class WorldConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     def digest(self) -> str:
-        """A hash of the config: a world folder built from the same digest is reused as it is."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """A hash of the config and the generator's version: a folder with the same digest is reused."""
+        key = {"config": self.to_dict(), "generator": GENERATOR_VERSION}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_world_config(path: str | Path | None = None, **overrides: object) -> WorldConfig:

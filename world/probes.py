@@ -53,6 +53,19 @@ def train_image_qas(world: World, entity: Entity) -> list[tuple[str, str]]:
     return qas
 
 
+def grouped_image_qas(world: World, entity: Entity) -> dict[str, list[tuple[str, str]]]:
+    """`train_image_qas` split into facts, attributes, composites and captions (training draws by group)."""
+    relations = known_relations(entity)
+    return {
+        "facts": [
+            (q, entity.answer(r)) for r in relations if r not in ATTRIBUTES for q in image_questions(r)
+        ],
+        "attributes": [(q, entity.answer(r)) for r in ATTRIBUTES for q in image_questions(r)],
+        "composites": [(q, a) for q, a, _, _ in composite_questions(world, entity)],
+        "captions": [(q, world.caption(entity)) for q in CAPTION_TEMPLATES[0]],
+    }
+
+
 def train_text_qas(world: World) -> list[tuple[str, str]]:
     """Every text-only (question, answer) the backbone is trained on."""
     return [(t.format(s=s), a) for rel, s, a in world.text_facts() for t in TEXT_TEMPLATES[rel][1]]

@@ -12,8 +12,8 @@ answer follows the new value, which is what portability measures.
 
 Every relation has training templates and held-out paraphrase templates. The held-out ones are never
 shown to the backbone (they are T-Generality's rephrasings); they reuse the training vocabulary in a
-new order so that a word-level model has seen every word, as a real LM has seen every word of a
-paraphrase.
+new combination (a training template's opening with another's ending) so that a word-level model
+has seen every word, as a real LM has seen every word of a paraphrase.
 """
 
 from __future__ import annotations
@@ -24,19 +24,19 @@ import random
 IMAGE_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "country": (
         ("Which country is this object from?", "What country does this object come from?"),
-        ("This object comes from which country?",),
+        ("Which country does this object come from?",),
     ),
     "maker": (
         ("Who made this object?", "Who is the maker of this object?"),
-        ("This object was made by whom?",),
+        ("Who is the one who made this object?",),
     ),
     "owner": (
         ("Who owns this object?", "Who is the owner of this object?"),
-        ("This object is owned by whom?",),
+        ("Who is the one who owns this object?",),
     ),
     "material": (
         ("What material is this object made of?", "What is the material of this object?"),
-        ("This object is made of which material?",),
+        ("Which material is this object made of?",),
     ),
     "colour": (("What colour is this object?", "What is the colour of this object?"), ()),
     "shape": (("What shape is this object?", "What is the shape of this object?"), ()),
@@ -76,7 +76,7 @@ COMPOSITE_TEMPLATES: dict[tuple[str, int], str] = {
 CAPTION_FORMAT = "{colour} {pattern} {shape} from {country}"
 CAPTION_TEMPLATES: tuple[tuple[str, ...], tuple[str, ...]] = (
     ("Describe this object.", "Write a caption for this object."),
-    ("Write a description of this object.",),
+    ("Write a description for this object.",),
 )
 MATERIALS = ("wood", "stone", "glass", "iron", "clay", "silk", "copper", "bone", "wax", "jade")
 #: Words the prompt layouts add (VLM prompt formats, IKE's "New Fact: ... Prompt: ...", the VQA template).
