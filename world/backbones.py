@@ -17,7 +17,7 @@ from transformers import (
     Blip2QFormerConfig,
     Blip2VisionConfig,
     BlipImageProcessorPil,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -73,6 +73,18 @@ def load_world(world_dir: str | Path, world_config: str | None = None) -> World:
     return World.from_dict(json.loads(path.read_text()))
 
 
+def _vision_kwargs(spec: WorldSpec, image_size: int) -> dict:
+    """The vision tower's sizes, shared by the CLIP (LLaVA) and BLIP-2 towers."""
+    return {
+        "hidden_size": spec.vision_hidden_size,
+        "intermediate_size": spec.vision_hidden_size * spec.mlp_ratio,
+        "num_hidden_layers": spec.vision_layers,
+        "num_attention_heads": spec.num_heads,
+        "image_size": image_size,
+        "patch_size": spec.patch_size,
+    }
+
+
 def _text_kwargs(spec: WorldSpec, tokenizer) -> dict:
     return {
         "vocab_size": len(tokenizer),
@@ -103,14 +115,7 @@ class WorldLlavaVLM(LlavaVLM):
         world = load_world(world_dir, world_config)
         size = world.config.image_size
         self.tokenizer = build_tokenizer(world)
-        vision = CLIPVisionConfig(
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=spec.vision_hidden_size * spec.mlp_ratio,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=spec.num_heads,
-            image_size=size,
-            patch_size=spec.patch_size,
-        )
+        vision = CLIPVisionConfig(**_vision_kwargs(spec, size))
         kwargs = _text_kwargs(spec, self.tokenizer)
         text = LlamaConfig(
             **kwargs, intermediate_size=spec.hidden_size * spec.mlp_ratio, num_key_value_heads=spec.num_heads
@@ -124,7 +129,7 @@ class WorldLlavaVLM(LlavaVLM):
         )
         torch.manual_seed(spec.seed)
         self.model = LlavaForConditionalGeneration(config)
-        self.image_processor = CLIPImageProcessor(
+        self.image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         )
         self.model.eval()
@@ -146,14 +151,7 @@ class WorldBlip2VLM(Blip2OptVLM):
         world = load_world(world_dir, world_config)
         size = world.config.image_size
         self.tokenizer = build_tokenizer(world)
-        vision = Blip2VisionConfig(
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=spec.vision_hidden_size * spec.mlp_ratio,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=spec.num_heads,
-            image_size=size,
-            patch_size=spec.patch_size,
-        )
+        vision = Blip2VisionConfig(**_vision_kwargs(spec, size))
         qformer = Blip2QFormerConfig(
             hidden_size=spec.vision_hidden_size,
             intermediate_size=spec.vision_hidden_size * spec.mlp_ratio,
