@@ -189,7 +189,8 @@ def load_edit_dataset(
     file = Path(annotation_file)
     loader = ImageLoader(image_root, max_image_pixels)
     if not loader.root.is_dir():
-        raise ValueError(f"image_root {image_root!r} is not a directory (annotation file {annotation_file})")
+        # Named like a bad record (file and setting), so the CLI shows one line, not a traceback.
+        raise BadRecordError(file, f"image_root {image_root!r} is not a directory", field="image_root")
     records = read_json_list(file)
     if format == "auto":
         fmt, style = detect_format(file, records)

@@ -547,3 +547,13 @@ def test_two_ddp_processes_give_the_same_per_case_values(tmp_path, reference_run
         assert a["predictions"] == b["predictions"], a["case_id"]
     assert two.cases == reference_run.cases
     assert two.comparable() == reference_run.comparable()
+
+
+def test_image_root_that_is_not_a_folder_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    annotation = ROOT / "data" / "sample" / "mmedit" / "vqa_eval.json"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(tmp_path, *FAST, "--data.annotation_file", str(annotation), "--data.image_root", "nowhere")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'nowhere' is not a directory" in err and "vqa_eval.json" in err and "Traceback" not in err
