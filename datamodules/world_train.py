@@ -11,6 +11,8 @@ Two stages (the LLaVA recipe the feasibility runs confirmed on 2 CPU cores):
   ("New Fact: ..." with its image, then "Prompt: ..."): counterfactual facts that must be answered
   from the context, and irrelevant facts whose answer must stay the memorised one. Whole batches,
   not mixed in: mixing pads every row to the long context rows (the feasibility finding).
+  Stage-1 batches are drawn `length_buckets` at a time and their rows regrouped by length, so a
+  batch pads little (padding was ~40% of a randomly drawn batch).
 
 Withheld facts and held-out wordings never appear; only training renderings (ids < pool_size) do.
 """
@@ -80,10 +82,38 @@ class WorldBatches(IterableDataset):
         rng = random.Random(self.d.seed)
         for _ in range(self.d.stage0_steps):
             yield self.attribute_batch(rng)
-        for _ in range(self.d.stage1_steps):
-            yield (
-                self.context_batch(rng) if rng.random() < self.d.context_batch_share else self.fact_batch(rng)
+        done = 0
+        while done < self.d.stage1_steps:
+            window = min(self.d.length_buckets, self.d.stage1_steps - done)
+            yield from self.bucketed(rng, window)
+            done += window
+
+    def bucketed(self, rng: random.Random, window: int) -> list[list[Probe]]:
+        """`window` stage-1 batches whose rows were regrouped by length.
+
+        A batch is padded to its longest row, and drawn at random ~40% of a plain batch was padding.
+        Drawing `window` batches, sorting each kind's rows by length and cutting them back into
+        batches keeps what is trained on (and which batches are in-context ones) and leaves ~6%
+        padding: about 1.5x less work per step.
+        """
+        kinds = [rng.random() < self.d.context_batch_share for _ in range(window)]
+        rows = {
+            kind: sorted(
+                (p for is_context in kinds if is_context == kind for p in self.draw_batch(rng, kind)),
+                key=probe_length,
             )
+            for kind in (False, True)
+        }
+        out, taken = [], {False: 0, True: 0}
+        for kind in kinds:
+            start = taken[kind]
+            out.append(rows[kind][start : start + self.d.batch_size])
+            taken[kind] = start + self.d.batch_size
+        rng.shuffle(out)
+        return out
+
+    def draw_batch(self, rng: random.Random, context: bool) -> list[Probe]:
+        return self.context_batch(rng) if context else self.fact_batch(rng)
 
     def attribute_batch(self, rng: random.Random) -> dict[str, object]:
         entities = [rng.choice(self.world.entities) for _ in range(self.d.batch_size)]
@@ -164,6 +194,17 @@ class WorldBatches(IterableDataset):
         return [self.context_probe(rng) for _ in range(self.d.batch_size)]
 
 
+def probe_length(probe: Probe) -> int:
+    """A probe's length in words and images, the sort key of length bucketing (word-level tokens)."""
+    texts = [probe.prompt, probe.answer, *(item.text for item in probe.context)]
+    images = (probe.image is not None) + sum(item.image is not None for item in probe.context)
+    return sum(len(t.split()) for t in texts) + IMAGE_WORDS * images
+
+
+#: An image's weight in `probe_length`: the world backbones' 16 image tokens.
+IMAGE_WORDS = 16
+
+
 def _identity(batch: object) -> object:
     return batch
 
@@ -182,6 +223,10 @@ class WorldTrainData(L.LightningDataModule):
         group_weights: how often a plain image question is an entity fact, an attribute, a composite
             (1..4 hops) or a caption.
         seed: the batch stream's seed.
+        num_workers: 1 draws (and renders) batches in a worker process while the model trains on
+            the previous one; more than 1 would split the single ordered stream, so it is refused.
+        length_buckets: stage-1 batches drawn together and regrouped by row length (1: off), so a
+            batch pads little; see `WorldBatches.bucketed`.
         world_config: a world YAML to build `world_dir` from when it is missing or stale.
     """
 
@@ -196,11 +241,15 @@ class WorldTrainData(L.LightningDataModule):
         pool_size: int | None = None,
         group_weights: tuple[float, float, float, float] = (0.45, 0.2, 0.25, 0.1),
         seed: int = 0,
+        length_buckets: int = 1,
+        num_workers: int = 0,
         world_config: str | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or stage0_steps < 0 or stage1_steps < 0:
-            raise ValueError("batch_size must be >= 1 and stage0_steps, stage1_steps >= 0")
+        if num_workers not in (0, 1):
+            raise ValueError(f"num_workers must be 0 or 1 (one ordered batch stream), got {num_workers}")
+        if batch_size < 1 or stage0_steps < 0 or stage1_steps < 0 or length_buckets < 1:
+            raise ValueError("batch_size, length_buckets must be >= 1 and stage0_steps, stage1_steps >= 0")
         self.save_hyperparameters()
         self.world_dir = world_dir
         self.batch_size = batch_size
@@ -209,12 +258,16 @@ class WorldTrainData(L.LightningDataModule):
         self.text_share = text_share
         self.context_batch_share = context_batch_share
         self.seed = seed
+        self.length_buckets = length_buckets
+        self.num_workers = num_workers
         self.group_weights = tuple(group_weights)
         self.world = load_world(world_dir, world_config)
         self.pool_size = pool_size or self.world.config.pool_size
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(WorldBatches(self), batch_size=None, collate_fn=_identity)
+        return DataLoader(
+            WorldBatches(self), batch_size=None, collate_fn=_identity, num_workers=self.num_workers
+        )
 
     def transfer_batch_to_device(self, batch: object, device: torch.device, dataloader_idx: int) -> object:
         """Probes hold PIL images and strings; the backbone builds its own tensors on its device."""

@@ -14,7 +14,7 @@ import pytest
 import edit
 import train
 from datamodules.dataset import load_edit_dataset
-from datamodules.world_train import WorldTrainData
+from datamodules.world_train import WorldTrainData, probe_length
 from world.build import build_world, is_built
 from world.check import check
 from world.config import load_world_config
@@ -114,6 +114,30 @@ def test_training_never_shows_withheld_facts_or_held_out_wordings(tiny_world):
     probes = [p for b in batches[2:] for p in b]
     assert any(p.context for p in probes) and any(p.image is None for p in probes)
     assert not {p.prompt for p in probes} & held_out
+
+
+def test_length_buckets_cut_padding_and_keep_the_stream_deterministic(tiny_world):
+    """Regrouping rows by length keeps batch sizes and the in-context share, and pads less."""
+
+    def stage1(buckets: int) -> list[list]:
+        data = WorldTrainData(
+            str(tiny_world), batch_size=8, stage0_steps=0, stage1_steps=24,
+            context_batch_share=0.3, length_buckets=buckets,
+        )  # fmt: skip
+        return list(data.train_dataloader())
+
+    def padding(batches: list[list]) -> float:
+        return sum(max(map(probe_length, b)) * len(b) - sum(map(probe_length, b)) for b in batches)
+
+    plain, bucketed = stage1(1), stage1(8)
+    assert len(bucketed) == 24 and all(len(b) == 8 for b in bucketed)
+    # A batch is still either all in-context rows or none.
+    assert all(len({bool(p.context) for p in b}) == 1 for b in bucketed)
+    assert padding(bucketed) < 0.5 * padding(plain)
+    again = stage1(8)
+    assert [[p.prompt for p in b] for b in again] == [[p.prompt for p in b] for b in bucketed]
+    with pytest.raises(ValueError, match="num_workers"):
+        WorldTrainData(str(tiny_world), num_workers=2)
 
 
 def test_manifest_counts_triplets(tiny_world):
