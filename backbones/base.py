@@ -133,6 +133,15 @@ class VLM(nn.Module, abc.ABC):
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
+    def final_modules(self) -> list[nn.Module] | None:
+        """What maps the last language layer's output to logits, in call order (final norm, lm_head).
+
+        None (the default) where the adapter does not know; then editors that train only upper
+        layers cannot replay them from cached inputs (`backbones/frozen_prefix.py`) and run the
+        whole model instead.
+        """
+        return None
+
     def describe(self) -> dict[str, object]:
         """What a results file records about this backbone."""
         return {
@@ -309,11 +318,7 @@ class VLM(nn.Module, abc.ABC):
     def loss(self, probes: Sequence[Probe]) -> torch.Tensor:
         """Mean negative log-likelihood of the probes' answer tokens (what editors minimise)."""
         batch = self.build_batch(probes)
-        logits = self.logits(batch)[:, :-1]
-        labels = batch.labels[:, 1:]
-        return nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
-        )
+        return answer_nll(self.logits(batch), batch.labels)
 
     def _in_chunks(self, probes: Sequence[Probe], run: Callable[[Sequence[Probe]], list[T]]) -> list[T]:
         """`run` over chunks of at most `max_batch_size` probes of similar length, results in input order.
@@ -380,6 +385,13 @@ class VLM(nn.Module, abc.ABC):
             return list(((hidden[-1] * mask).sum(1) / mask.sum(1)).float().cpu())
 
         return torch.stack(self._in_chunks(probes, run)) if probes else torch.zeros(0)
+
+
+def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of the labelled tokens; logit t predicts token t+1 (shared by `VLM.loss` and its replays)."""
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 def _length_key(probe: Probe) -> tuple[int, int]:

@@ -170,6 +170,17 @@ class Blip2FamilyVLM(VLM):
     def language_layers(self) -> nn.ModuleList:
         return self.model.language_model.get_decoder().layers
 
+    def final_modules(self) -> list[nn.Module] | None:
+        decoder = self.model.language_model.get_decoder()
+        head = self.model.language_model.get_output_embeddings()
+        if hasattr(decoder, "norm"):  # Llama-style LM (MiniGPT-4): final RMSNorm, then lm_head
+            return [decoder.norm, head]
+        if hasattr(decoder, "final_layer_norm"):
+            # OPT: final LayerNorm and the projection back to the embedding width, each only where
+            # the config has one (None otherwise), then lm_head.
+            return [m for m in (decoder.final_layer_norm, decoder.project_out) if m is not None] + [head]
+        return None
+
     def ffn(self, layer: int) -> nn.Module:
         """Llama-style layers have `.mlp`; OPT keeps fc1/fc2 on the layer, and fc2's output is the FFN's."""
         block = self.language_layers()[layer]

@@ -181,6 +181,20 @@ class ImageTextToTextVLM(VLM):
             )
         return layers
 
+    def final_modules(self) -> list[nn.Module] | None:
+        # The text model holding the decoder layers ends in `norm` in every Llama-like layout; the
+        # output embeddings follow. Anything a family does past them (logit soft-capping, extra
+        # states added between layers) makes the replay's first loss differ from the full
+        # forward's, and the replay then falls back to the whole model (backbones/frozen_prefix.py).
+        layers = self.language_layers()
+        for path in _LANGUAGE_LAYERS:
+            text = self.model
+            for attr in path.split(".")[:-1]:
+                text = getattr(text, attr, None)
+            if getattr(text, "layers", None) is layers and isinstance(getattr(text, "norm", None), nn.Module):
+                return [text.norm, self.model.get_output_embeddings()]
+        return None
+
 
 def chat_layout(processor, image_token: str) -> tuple[str, str]:
     """(prompt_format, image_text) read off the chat template of `processor`.

@@ -93,6 +93,10 @@ class LlavaVLM(VLM):
     def language_layers(self) -> nn.ModuleList:
         return self.model.model.language_model.layers
 
+    def final_modules(self) -> list[nn.Module] | None:
+        # LlavaForConditionalGeneration: the text model's final RMSNorm, then lm_head; nothing after.
+        return [self.model.model.language_model.norm, self.model.lm_head]
+
 
 def build_tiny_llava(spec: TinySpec) -> tuple[LlavaForConditionalGeneration, object, CLIPImageProcessorPil]:
     tokenizer = byte_tokenizer(("<image>",))

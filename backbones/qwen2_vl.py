@@ -112,6 +112,10 @@ class Qwen2VLVLM(VLM):
     def language_layers(self) -> nn.ModuleList:
         return self.model.model.language_model.layers
 
+    def final_modules(self) -> list[nn.Module] | None:
+        # Qwen2VLForConditionalGeneration: the text model's final RMSNorm, then lm_head; nothing after.
+        return [self.model.model.language_model.norm, self.model.lm_head]
+
 
 def add_mm_token_type_ids(batch: ProbeBatch, image_token_id: int) -> ProbeBatch:
     """Mark image tokens (type 1) so the model can lay out its 3-D rotary positions over each image grid.

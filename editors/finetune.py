@@ -4,18 +4,24 @@ One class serves both baselines; they differ only in which parameter groups they
 (`["ffn:-1"]` for the last language MLP, `["projector"]` or `["vision"]` for the vision side). The
 budget is a fixed number of optimiser steps per case, recorded with the result, because FT's scores
 swing with the learning rate and the stopping rule.
+
+When every trained tensor lies in the language layers from some layer i up (or in the final norm
+and lm_head), as for FT (LLM), everything below layer i is frozen and sees the same input at every
+step: each case then runs it once and replays only the upper layers per step
+(`backbones/frozen_prefix.py`), with the same losses and edited weights bit for bit.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 
 from backbones.base import VLM
+from backbones.frozen_prefix import PrefixCachedLoss, first_trained_layer
 from datamodules.case import EditCase
 from editors.base import Editor, ParameterSnapshot, WeightEditHandle
 from editors.tuning import make_optimizer, only_these_trainable
@@ -33,6 +39,12 @@ class FineTune(Editor):
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
         stop_loss: stop a case early once the mean NLL of its edits falls below this; None runs
             the whole budget. The steps actually used are recorded in `handle.stats`.
+        cache_frozen: when every trained parameter lies in language layers from some layer i up,
+            the final norm or lm_head, run the frozen rest (vision tower, projector, embeddings,
+            layers below i) once per case and only layers i.. per step; the losses and edited
+            weights do not change. Falls back to the whole model by itself where that cannot be
+            exact (vision or projector targets, an lm_head tied to the input embeddings, a backbone
+            that names no final modules). False always runs the whole model.
         name: recorded in results.
     """
 
@@ -44,6 +56,7 @@ class FineTune(Editor):
         optimizer: Literal["adamw", "sgd"] = "adamw",
         weight_decay: float = 0.0,
         stop_loss: float | None = None,
+        cache_frozen: bool = True,
         name: str = "FT",
     ) -> None:
         if not targets:
@@ -60,6 +73,7 @@ class FineTune(Editor):
         self.optimizer = optimizer
         self.weight_decay = weight_decay
         self.stop_loss = stop_loss
+        self.cache_frozen = cache_frozen
         self.name = name
 
     def describe(self) -> dict[str, object]:
@@ -71,10 +85,13 @@ class FineTune(Editor):
             "optimizer": self.optimizer,
             "weight_decay": self.weight_decay,
             "stop_loss": self.stop_loss,
+            "cache_frozen": self.cache_frozen,
         }
 
     def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> WeightEditHandle:
         params = vlm.parameter_group(*self.targets)
+        # Decided once from the trained tensors: the frozen part stays frozen for the whole call.
+        first = first_trained_layer(vlm, params.values()) if self.cache_frozen and self.steps else None
         start = time.perf_counter()
         per_case = []
         # Lightning runs test loops under inference mode; an edit needs autograd whatever the caller.
@@ -85,7 +102,7 @@ class FineTune(Editor):
             try:
                 with only_these_trainable(vlm.model, params):
                     for case in cases:
-                        per_case.append(self._edit_one(vlm, case, list(params.values())))
+                        per_case.append(self._edit_one(vlm, case, list(params.values()), first))
             except BaseException:
                 # No handle reaches the caller when an edit fails (out of memory, a bad case), so
                 # undo here: a half-written edit must never leak into the next case.
@@ -101,9 +118,14 @@ class FineTune(Editor):
         }
         return WeightEditHandle(snapshot, stats=stats)
 
-    def _edit_one(self, vlm: VLM, case: EditCase, params: list[torch.nn.Parameter]) -> dict[str, object]:
+    def _edit_one(
+        self, vlm: VLM, case: EditCase, params: list[torch.nn.Parameter], first: int | None
+    ) -> dict[str, object]:
         optim = make_optimizer(self.optimizer, params, self.lr, self.weight_decay)
         start = time.perf_counter()
+        # Each case caches its own probes, on the model as the earlier cases of a sequence left it.
+        cached = PrefixCachedLoss(vlm, case.edits, first) if first is not None else None
+        loss_fn: Callable[[], torch.Tensor] = cached if cached is not None else lambda: vlm.loss(case.edits)
         initial = math.nan
         loss_value = math.nan
         steps_used = 0
@@ -112,7 +134,7 @@ class FineTune(Editor):
         for step in range(self.steps + 1):
             last = step == self.steps
             with torch.set_grad_enabled(not last):
-                loss = vlm.loss(case.edits)
+                loss = loss_fn()
             loss_value = loss.item()
             if step == 0:
                 initial = loss_value
@@ -128,5 +150,7 @@ class FineTune(Editor):
             "initial_loss": initial,
             "final_loss": loss_value,
             "stopped_early": steps_used < self.steps,
+            # The first language layer run per step (None: the whole model ran at every step).
+            "replayed_from_layer": first if cached is not None and cached.cached else None,
             "time_s": time.perf_counter() - start,
         }
