@@ -10,7 +10,7 @@ from conftest import make_case, solid_image
 from PIL import Image
 from tiny_families import FAMILIES
 
-from backbones import VLM, ImageTextToTextVLM, LlavaVLM, TinySpec
+from backbones import VLM, ImageTextToTextVLM, LlavaVLM, TinySpec, prefix_cache
 from backbones.prefix_cache import image_digest, plan_chunk, row_logits
 from datamodules.case import ContextItem, Probe
 from editors import IKE
@@ -21,6 +21,12 @@ BUILDERS: dict[str, Callable[[], VLM]] = {
     "generic_llava": lambda: ImageTextToTextVLM(tiny=TinySpec(), family="llava"),
 }
 SHARING = sorted(name for name in BUILDERS if name != "qwen2_vl")
+
+
+@pytest.fixture(autouse=True)
+def share_any_saving(monkeypatch):
+    # Tiny pictures take few tokens; test the mechanism even where the saving would not pay.
+    monkeypatch.setattr(prefix_cache, "MIN_SAVING", 0.0)
 
 
 @pytest.fixture(scope="module", params=SHARING)
@@ -142,6 +148,12 @@ def test_nothing_shared_is_the_plain_forward(tiny_llava) -> None:
     probes = [Probe("Who wrote Hamlet?", "Shakespeare"), Probe("Where?", "Rome", solid_image((1, 2, 3)))]
     assert plan_chunk(tiny_llava, probes).shared() == []
     assert_same_outputs(tiny_llava, probes)
+
+
+def test_small_savings_keep_the_plain_forward(tiny_llava, monkeypatch) -> None:
+    monkeypatch.setattr(prefix_cache, "MIN_SAVING", 0.5)
+    assert plan_chunk(tiny_llava, llava_style()).shared() == []
+    assert len(plan_chunk(tiny_llava, ike_style()).shared()) == 5
 
 
 def test_option_and_capability() -> None:
