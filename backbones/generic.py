@@ -39,8 +39,6 @@ _VISION = (
     "visual",
     "vision_model",
 )
-# Model classes whose logits were checked to be the same when a shared prefix runs from a KV cache.
-PREFIX_CACHE_MODELS = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
 _PROJECTOR = (
     "model.multi_modal_projector",
     "model.visual.merger",
@@ -49,6 +47,8 @@ _PROJECTOR = (
     "visual.merger",
     "connector",
 )
+# Model classes whose logits were checked to be the same when a shared prefix runs from a KV cache.
+PREFIX_CACHE_MODELS = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
 
 
 class ImageInputs(dict):

@@ -5,8 +5,9 @@ carries the same demonstrations and new fact (each with its own picture), and on
 Rel, T-Gen and Port share the edit image (576 of ~620 tokens on LLaVA-1.5). `shared_teacher_forced`
 tokenises the chunk once, finds the prefixes worth sharing, runs each distinct prefix once
 (left-padded, filling a `DynamicCache`), selects the cache rows for the probes that use it and runs
-only their suffixes on top. Probes that share nothing go through the plain forward, so a chunk in
-which nothing is shared costs exactly what it did before.
+only their suffixes on top. Probes that share nothing go through the plain forward, and a chunk
+where sharing would save little (`MIN_SAVING`) runs as one plain forward, the passes it ran before.
+Generation (`VLM.generate`) is not affected.
 
 A prefix is shared only when its token ids *and* the pictures inside it are equal (every picture
 becomes the same run of placeholder ids, so the ids alone cannot tell two pictures apart); pictures

@@ -48,8 +48,9 @@ class Qwen2VLVLM(VLM):
         answer_prefix: empty: the answer opens the assistant turn right after its newline, where the
             chat model's first answer token carries no leading space.
         min_pixels, max_pixels: the image processor's resolution bounds (None keeps the checkpoint's).
-        share_prefixes: accepted for uniform configs; Qwen2-VL does not support prefix sharing (its
-            3-D rotary positions are laid out over the whole row, not read off the attention mask).
+        share_prefixes: accepted for uniform configs; Qwen2-VL does not share prefixes: its
+            multimodal rotary positions are computed from the whole row's image grids, and the
+            split into a cached prefix and a suffix pass has not been checked against them.
     """
 
     image_token = "<|image_pad|>"
