@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from backbones.prefix_cache import MIN_SAVING
 from datamodules.case import PROBE_KINDS, EditCase
 from lightning_modules.case_scoring import reference_outputs, score_cases
 from lightning_modules.cli import EditCLI, edit_trainer
@@ -144,10 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nbackbone {module.backbone.describe()['model_class']}, editor {module.editor.name}, {n} cases")
     print(
         f"shared prompt prefixes (teacher-forced, floor and loop): {'on' if sharing else 'off'}"
-        f" (share_prefixes={vlm.share_prefixes}, supports_prefix_cache={vlm.supports_prefix_cache})"
+        f" (share_prefixes={vlm.share_prefixes}, supports_prefix_cache={vlm.supports_prefix_cache};"
+        f" a chunk is split only where that saves >= {MIN_SAVING:.0%} of its tokens)"
     )
     print(f"{'':28}{'s/case':>10}{'eval s/case':>13}")
-    floor_name = "floor (batched, shared)" if sharing else "floor (batched passes)"
+    floor_name = "floor (batched, sharing on)" if sharing else "floor (batched passes)"
     print(f"{floor_name:28}{floor / n:>10.4f}{floor / n:>13.4f}")
     print(f"{'loop (EditEval)':28}{loop_total / n:>10.4f}{(loop_total - loop_edit) / n:>13.4f}")
     print(f"{'naive loop':28}{naive_total / n:>10.4f}{(naive_total - naive_edit) / n:>13.4f}")
