@@ -73,9 +73,18 @@ class VLM(nn.Module, abc.ABC):
         answer_prefix: prepended to answers before tokenising (the benchmarks use a leading space).
         max_batch_size: probes per forward pass; larger lists are scored in chunks.
         max_new_tokens: extra tokens allowed beyond each answer's own length when generating (0: the greedy continuation is exactly as long as the answer, so exact match asks whether the model says the answer, not whether it stops).
+        share_prefixes: in teacher-forced scoring, run a prompt prefix that several probes of a chunk
+            share (same tokens and same pictures: an in-context editor's demonstrations, a shared
+            edit image) once and the probes' remainders on its KV cache; only where the backbone
+            `supports_prefix_cache`. False: every probe row runs whole.
     """
 
     image_token: str = "<image>"
+    #: Whether teacher-forced scoring may split rows into a cached prefix and a suffix pass
+    #: (`backbones.prefix_cache`). True only in adapters whose models were checked to give the same
+    #: logits that way: the forward takes `cache`, `position_ids` and `logits_to_keep`, positions are
+    #: plain token counts, and every image input holds one entry per image.
+    supports_prefix_cache: bool = False
 
     def __init__(
         self,
@@ -84,6 +93,7 @@ class VLM(nn.Module, abc.ABC):
         answer_prefix: str = " ",
         max_batch_size: int = 64,
         max_new_tokens: int = 0,
+        share_prefixes: bool = True,
     ) -> None:
         super().__init__()
         if "{content}" not in prompt_format:
@@ -97,6 +107,7 @@ class VLM(nn.Module, abc.ABC):
         self.answer_prefix = answer_prefix
         self.max_batch_size = max_batch_size
         self.max_new_tokens = max_new_tokens
+        self.share_prefixes = share_prefixes
 
     # ----------------------------------------------------------------- family hooks
     model: nn.Module
@@ -150,6 +161,7 @@ class VLM(nn.Module, abc.ABC):
             "prompt_format": self.prompt_format,
             "image_text": self.image_text,
             "answer_prefix": self.answer_prefix,
+            "shares_prefixes": self.share_prefixes and self.supports_prefix_cache,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
         }
 
@@ -337,9 +349,17 @@ class VLM(nn.Module, abc.ABC):
 
     @torch.inference_mode()
     def teacher_forced(self, probes: Sequence[Probe], all_topk: int = 0) -> list[TeacherForced]:
-        """Argmax predictions at answer positions (logit t predicts token t+1), batched in chunks."""
+        """Argmax predictions at answer positions (logit t predicts token t+1), batched in chunks.
+
+        With `share_prefixes` (and a backbone that `supports_prefix_cache`) a chunk's shared prompt
+        prefixes are run once; the outputs are the same up to floating-point rounding.
+        """
 
         def run(chunk: Sequence[Probe]) -> list[TeacherForced]:
+            if self.share_prefixes and self.supports_prefix_cache:
+                from backbones.prefix_cache import shared_teacher_forced  # it imports this module
+
+                return shared_teacher_forced(self, chunk, all_topk)
             batch = self.build_batch(chunk)
             return teacher_forced_outputs(
                 self.logits(batch), batch.labels, batch.answer_spans, batch.lengths, all_topk

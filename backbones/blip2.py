@@ -65,9 +65,14 @@ class Blip2FamilyVLM(VLM):
         prompt_format, image_text, answer_prefix: the family's defaults when left as None.
         max_batch_size: probes per forward pass.
         max_new_tokens: extra tokens allowed beyond each answer's own length when generating (0: the greedy continuation is exactly as long as the answer, so exact match asks whether the model says the answer, not whether it stops).
+        share_prefixes: run prompt prefixes shared by several probes of a chunk once (KV cache) in
+            teacher-forced scoring; see `VLM`.
     """
 
     image_token = "<image>"
+    # Checked with OPT and Llama language models: the query tokens are scattered into the placeholder
+    # run of each image, and the LM's positions follow the attention mask / explicit position ids.
+    supports_prefix_cache = True
     default_prompt_format: str = "{content}"
     default_image_text: str = "<image>"
     default_answer_prefix: str = " "
@@ -83,6 +88,7 @@ class Blip2FamilyVLM(VLM):
         answer_prefix: str | None = None,
         max_batch_size: int = 64,
         max_new_tokens: int = 0,
+        share_prefixes: bool = True,
     ) -> None:
         super().__init__(
             self.default_prompt_format if prompt_format is None else prompt_format,
@@ -90,6 +96,7 @@ class Blip2FamilyVLM(VLM):
             self.default_answer_prefix if answer_prefix is None else answer_prefix,
             max_batch_size,
             max_new_tokens,
+            share_prefixes,
         )
         name = type(self).__name__
         if (pretrained is None) == (tiny is None):

@@ -14,7 +14,12 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+)
 
 from backbones.base import VLM, ProbeBatch
 from backbones.generic_tiny import TINY_FAMILIES, build_tiny_image_text_to_text
@@ -42,6 +47,8 @@ _PROJECTOR = (
     "visual.merger",
     "connector",
 )
+# Model classes whose logits were checked to be the same when a shared prefix runs from a KV cache.
+PREFIX_CACHE_MODELS = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
 
 
 class ImageInputs(dict):
@@ -65,6 +72,8 @@ class ImageTextToTextVLM(VLM):
             on whitespace (a chat turn ending in a newline starts the answer without a space).
         max_batch_size: probes per forward pass.
         max_new_tokens: extra tokens allowed beyond each answer's own length when generating (0: the greedy continuation is exactly as long as the answer, so exact match asks whether the model says the answer, not whether it stops).
+        share_prefixes: run prompt prefixes shared by several probes of a chunk once (KV cache) in
+            teacher-forced scoring, for the model classes in `PREFIX_CACHE_MODELS`; see `VLM`.
     """
 
     def __init__(
@@ -79,6 +88,7 @@ class ImageTextToTextVLM(VLM):
         answer_prefix: str | None = None,
         max_batch_size: int = 64,
         max_new_tokens: int = 0,
+        share_prefixes: bool = True,
     ) -> None:
         if (pretrained is None) == (tiny is None):
             raise ValueError(
@@ -113,6 +123,7 @@ class ImageTextToTextVLM(VLM):
             answer_prefix,
             max_batch_size,
             max_new_tokens,
+            share_prefixes,
         )
         self.model = model
         self.processor = processor
@@ -121,6 +132,12 @@ class ImageTextToTextVLM(VLM):
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
         self._wants_mm_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
         self.model.eval()
+
+    @property
+    def supports_prefix_cache(self) -> bool:  # type: ignore[override]
+        # Any model could load here; only the classes checked to score the same with a cached
+        # prefix qualify (multimodal rotary positions, for one, are laid out over the whole row).
+        return isinstance(self.model, PREFIX_CACHE_MODELS) and not self._wants_mm_types
 
     # ----------------------------------------------------------------- images
     def image_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:

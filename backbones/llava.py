@@ -32,9 +32,12 @@ class LlavaVLM(VLM):
             the weights randomly, on the GPU when there is one (memory and speed planning for a
             model whose weights are not at hand).
         prompt_format: LLaVA-1.5's conversation format by default.
+        share_prefixes: run prompt prefixes shared by several probes of a chunk once (KV cache) in
+            teacher-forced scoring; see `VLM`.
     """
 
     image_token = "<image>"
+    supports_prefix_cache = True
 
     def __init__(
         self,
@@ -48,8 +51,11 @@ class LlavaVLM(VLM):
         answer_prefix: str = " ",
         max_batch_size: int = 64,
         max_new_tokens: int = 0,
+        share_prefixes: bool = True,
     ) -> None:
-        super().__init__(prompt_format, image_text, answer_prefix, max_batch_size, max_new_tokens)
+        super().__init__(
+            prompt_format, image_text, answer_prefix, max_batch_size, max_new_tokens, share_prefixes
+        )
         if (pretrained is None) == (tiny is None):
             raise ValueError(
                 "LlavaVLM: give exactly one of 'pretrained' (a path or hub name) or 'tiny' (sizes)"

@@ -48,6 +48,9 @@ class Qwen2VLVLM(VLM):
         answer_prefix: empty: the answer opens the assistant turn right after its newline, where the
             chat model's first answer token carries no leading space.
         min_pixels, max_pixels: the image processor's resolution bounds (None keeps the checkpoint's).
+        share_prefixes: accepted for uniform configs; Qwen2-VL does not share prefixes: its
+            multimodal rotary positions are computed from the whole row's image grids, and the
+            split into a cached prefix and a suffix pass has not been checked against them.
     """
 
     image_token = "<|image_pad|>"
@@ -65,8 +68,11 @@ class Qwen2VLVLM(VLM):
         max_pixels: int | None = None,
         max_batch_size: int = 64,
         max_new_tokens: int = 0,
+        share_prefixes: bool = True,
     ) -> None:
-        super().__init__(prompt_format, image_text, answer_prefix, max_batch_size, max_new_tokens)
+        super().__init__(
+            prompt_format, image_text, answer_prefix, max_batch_size, max_new_tokens, share_prefixes
+        )
         if (pretrained is None) == (tiny is None):
             raise ValueError(
                 "Qwen2VLVLM: give exactly one of 'pretrained' (a path or hub name) or 'tiny' (sizes)"

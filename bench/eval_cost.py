@@ -1,15 +1,18 @@
 """What one edit case costs: the project's loop against its forward-pass floor and a naive loop.
 
     python bench/eval_cost.py --config configs/edit/ike.yaml [--config ...] [--cases 12] [--no-generation]
+                              [--no-share-prefixes]
 
 All three run on the same backbone and cases, one after another in this process:
 - floor: the forward passes a case needs, batched: one teacher-forced pass over all its probes (as
   the edited system asks them), plus the pre-edit locality answers once per dataset (and, with
-  generation, one batched greedy decode of those probes);
+  generation, one batched greedy decode of those probes); the teacher-forced passes share prompt
+  prefixes exactly when the loop's do (the backbone's `share_prefixes`, where it supports it), and
+  the output says which;
 - loop: EditEval under a Lightning Trainer, as `edit.py test` runs it; its edit time is reported
   apart, since the floor cannot include what a method spends learning the edit;
 - naive: what research scripts do - deep-copy the model to restore it, recompute the unedited
-  model's locality answers for every case, and run one forward per probe.
+  model's locality answers for every case, and run one full forward per probe (never a shared prefix).
 The loop's and the naive loop's summaries must agree; the script prints both and the ratios.
 """
 
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from backbones.prefix_cache import MIN_SAVING
 from datamodules.case import PROBE_KINDS, EditCase
 from lightning_modules.case_scoring import reference_outputs, score_cases
 from lightning_modules.cli import EditCLI, edit_trainer
@@ -91,10 +95,11 @@ def naive_seconds(module: EditEval, cases: list[EditCase]) -> tuple[float, float
     protocol, generation = module.hparams.protocol, module.hparams.generation
     scores = ScoreSet(max_hops=module.hparams.max_hops)
     edit_time = 0.0
-    chunk = vlm.max_batch_size
+    chunk, share = vlm.max_batch_size, vlm.share_prefixes
     start = time.perf_counter()
     try:
         vlm.max_batch_size = 1  # one forward per probe
+        vlm.share_prefixes = False  # and each one whole (a chunk of one shares nothing anyway)
         for case in cases:
             saved = copy.deepcopy(vlm.model.state_dict())
             reference = reference_outputs(vlm, [case], protocol, generation)
@@ -108,7 +113,7 @@ def naive_seconds(module: EditEval, cases: list[EditCase]) -> tuple[float, float
             scores.update_case(record["scores"])
             vlm.model.load_state_dict(saved)
     finally:
-        vlm.max_batch_size = chunk
+        vlm.max_batch_size, vlm.share_prefixes = chunk, share
     return time.perf_counter() - start, edit_time, scores.compute()
 
 
@@ -121,9 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", action="append", required=True, help="edit config(s), stacked in order")
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--no-generation", action="store_true", help="teacher-forced scores only")
+    parser.add_argument(
+        "--no-share-prefixes", action="store_true", help="floor and loop run every probe row whole"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     module, cases, data = build(args.config, not args.no_generation, args.cases)
+    if args.no_share_prefixes:
+        module.backbone.share_prefixes = False
+    vlm = module.backbone
+    sharing = vlm.share_prefixes and vlm.supports_prefix_cache
     module.editor.setup(module.backbone)
     n = len(cases)
     floor_seconds(module, cases[:1])  # warm-up: first calls pay for thread pools and lazy inits
@@ -131,8 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     loop_total, loop_edit, loop_scores = loop_seconds(module, data)
     naive_total, naive_edit, naive_scores = naive_seconds(module, cases)
     print(f"\nbackbone {module.backbone.describe()['model_class']}, editor {module.editor.name}, {n} cases")
+    print(
+        f"shared prompt prefixes (teacher-forced, floor and loop): {'on' if sharing else 'off'}"
+        f" (share_prefixes={vlm.share_prefixes}, supports_prefix_cache={vlm.supports_prefix_cache};"
+        f" a chunk is split only where that saves >= {MIN_SAVING:.0%} of its tokens)"
+    )
     print(f"{'':28}{'s/case':>10}{'eval s/case':>13}")
-    print(f"{'floor (batched passes)':28}{floor / n:>10.4f}{floor / n:>13.4f}")
+    floor_name = "floor (batched, sharing on)" if sharing else "floor (batched passes)"
+    print(f"{floor_name:28}{floor / n:>10.4f}{floor / n:>13.4f}")
     print(f"{'loop (EditEval)':28}{loop_total / n:>10.4f}{(loop_total - loop_edit) / n:>13.4f}")
     print(f"{'naive loop':28}{naive_total / n:>10.4f}{(naive_total - naive_edit) / n:>13.4f}")
     print(f"edit time per case: loop {loop_edit / n:.4f} s, naive {naive_edit / n:.4f} s")
