@@ -12,7 +12,9 @@ All three run on the same backbone and cases, one after another in this process:
 - loop: EditEval under a Lightning Trainer, as `edit.py test` runs it; its edit time is reported
   apart, since the floor cannot include what a method spends learning the edit;
 - naive: what research scripts do - deep-copy the model to restore it, recompute the unedited
-  model's locality answers for every case, and run one full forward per probe (never a shared prefix).
+  model's locality answers for every case, run one full forward per probe (never a shared prefix),
+  and fine-tune through the whole model at every step (`FineTune.cache_frozen` off).
+`--accelerator gpu` runs all three on the GPU (the backbone's dtype comes from the configs).
 The loop's and the naive loop's summaries must agree; the script prints both and the ratios.
 """
 
@@ -37,8 +39,11 @@ from metrics.scores import ScoreSet
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build(configs: list[str], generation: bool, cases: int) -> tuple[EditEval, list[EditCase], object]:
+def build(
+    configs: list[str], generation: bool, cases: int, accelerator: str = "cpu"
+) -> tuple[EditEval, list[EditCase], object]:
     args = [a for c in configs for a in ("--config", c)]
+    args += ["--trainer.accelerator", accelerator]
     args += [
         "--trainer.logger",
         "false",
@@ -80,8 +85,8 @@ def floor_seconds(module: EditEval, cases: list[EditCase]) -> float:
     return spent
 
 
-def loop_seconds(module: EditEval, data) -> tuple[float, float, dict[str, float]]:
-    trainer = edit_trainer()
+def loop_seconds(module: EditEval, data, accelerator: str = "cpu") -> tuple[float, float, dict[str, float]]:
+    trainer = edit_trainer(accelerator=accelerator)
     module.hparams.results_dir = None
     start = time.perf_counter()
     trainer.test(module, datamodule=data, verbose=False)
@@ -96,10 +101,15 @@ def naive_seconds(module: EditEval, cases: list[EditCase]) -> tuple[float, float
     scores = ScoreSet(max_hops=module.hparams.max_hops)
     edit_time = 0.0
     chunk, share = vlm.max_batch_size, vlm.share_prefixes
+    frozen_cache = None
     start = time.perf_counter()
     try:
         vlm.max_batch_size = 1  # one forward per probe
         vlm.share_prefixes = False  # and each one whole (a chunk of one shares nothing anyway)
+        # Research scripts' fine-tuning runs the whole model at every step; same weights either way.
+        frozen_cache = getattr(editor, "cache_frozen", None)
+        if frozen_cache is not None:
+            editor.cache_frozen = False
         for case in cases:
             saved = copy.deepcopy(vlm.model.state_dict())
             reference = reference_outputs(vlm, [case], protocol, generation)
@@ -114,6 +124,8 @@ def naive_seconds(module: EditEval, cases: list[EditCase]) -> tuple[float, float
             vlm.model.load_state_dict(saved)
     finally:
         vlm.max_batch_size, vlm.share_prefixes = chunk, share
+        if frozen_cache is not None:
+            editor.cache_frozen = frozen_cache
     return time.perf_counter() - start, edit_time, scores.compute()
 
 
@@ -126,12 +138,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", action="append", required=True, help="edit config(s), stacked in order")
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--no-generation", action="store_true", help="teacher-forced scores only")
+    parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"), help="where all three run")
     parser.add_argument(
         "--no-share-prefixes", action="store_true", help="floor and loop run every probe row whole"
     )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    module, cases, data = build(args.config, not args.no_generation, args.cases)
+    module, cases, data = build(args.config, not args.no_generation, args.cases, args.accelerator)
+    if args.accelerator == "gpu":
+        module.to("cuda")  # floor and naive run outside the Trainer, on the same device
     if args.no_share_prefixes:
         module.backbone.share_prefixes = False
     vlm = module.backbone
@@ -140,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     n = len(cases)
     floor_seconds(module, cases[:1])  # warm-up: first calls pay for thread pools and lazy inits
     floor = floor_seconds(module, cases)
-    loop_total, loop_edit, loop_scores = loop_seconds(module, data)
+    loop_total, loop_edit, loop_scores = loop_seconds(module, data, args.accelerator)
+    if args.accelerator == "gpu":
+        module.to("cuda")  # the Trainer hands the module back on the CPU after test
     naive_total, naive_edit, naive_scores = naive_seconds(module, cases)
     print(f"\nbackbone {module.backbone.describe()['model_class']}, editor {module.editor.name}, {n} cases")
     print(

@@ -39,7 +39,9 @@ class Cycled(Dataset):
         return [f"r{i // len(ids)}/{ids[i % len(ids)]}" for i in range(self.n)]
 
 
-def cases_per_second(configs: list[str], n: int, width: int | None = None, k: int | None = None) -> float:
+def cases_per_second(
+    configs: list[str], n: int, width: int | None = None, k: int | None = None, accelerator: str = "cpu"
+) -> float:
     args = [a for c in configs for a in ("--config", c)] + ["--trainer.logger", "false"]
     if k is not None:
         args += ["--model.mode", "sequential", "--data.batch_size", str(k)]
@@ -54,7 +56,7 @@ def cases_per_second(configs: list[str], n: int, width: int | None = None, k: in
     data = cli.datamodule
     data.setup("test")
     data.dataset = Cycled(data.dataset, n)
-    trainer = edit_trainer()
+    trainer = edit_trainer(accelerator=accelerator)
     start = time.perf_counter()
     trainer.test(module, datamodule=data, verbose=False)
     return n / (time.perf_counter() - start)
@@ -67,16 +69,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", type=int, nargs="*", default=[32, 64, 128])
     parser.add_argument("--ks", type=int, nargs="*", default=[1, 3, 6])
     parser.add_argument("--base-cases", type=int, default=24, help="cases for the width and K series")
+    parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"))
     args = parser.parse_args(argv)
     print("\ncases/s against number of cases")
     for n in args.cases:
-        print(f"  N={n:<6} {cases_per_second(args.config, n):8.2f}")
+        print(f"  N={n:<6} {cases_per_second(args.config, n, accelerator=args.accelerator):8.2f}")
     print("cases/s against backbone width (tiny LLaVA, layers = width / 32)")
     for w in args.widths:
-        print(f"  width={w:<4} {cases_per_second(args.config, args.base_cases, width=w):8.2f}")
+        print(
+            f"  width={w:<4} {cases_per_second(args.config, args.base_cases, width=w, accelerator=args.accelerator):8.2f}"
+        )
     print("cases/s against K (sequential editing)")
     for k in args.ks:
-        print(f"  K={k:<6} {cases_per_second(args.config, args.base_cases, k=k):8.2f}")
+        print(
+            f"  K={k:<6} {cases_per_second(args.config, args.base_cases, k=k, accelerator=args.accelerator):8.2f}"
+        )
 
 
 if __name__ == "__main__":
