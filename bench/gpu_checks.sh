@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of bench/results/*_h200.txt, as run on the lent machine (one call).
-# Its image has torch but not jsonargparse and an older transformers: wheels come from .whl/.
+# Its image has torch but not jsonargparse and an older transformers: wheels come from .whl/
+# (git-ignored; fill it first with `pip download --no-deps -d .whl transformers==5.24.0
+# jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.15.0 importlib_resources`
+# and carry it). Outputs land in $OUT.
 set -u
 export PYTHONPATH=.  # the image has no editable install of the lab
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
