@@ -194,15 +194,15 @@ class WorldBatches(IterableDataset):
         return [self.context_probe(rng) for _ in range(self.d.batch_size)]
 
 
+#: An image's weight in `probe_length`: the world backbones' 16 image tokens.
+IMAGE_WORDS = 16
+
+
 def probe_length(probe: Probe) -> int:
     """A probe's length in words and images, the sort key of length bucketing (word-level tokens)."""
     texts = [probe.prompt, probe.answer, *(item.text for item in probe.context)]
     images = (probe.image is not None) + sum(item.image is not None for item in probe.context)
     return sum(len(t.split()) for t in texts) + IMAGE_WORDS * images
-
-
-#: An image's weight in `probe_length`: the world backbones' 16 image tokens.
-IMAGE_WORDS = 16
 
 
 def _identity(batch: object) -> object:
