@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from backbones.greedy_from_tf import eos_token_ids, greedy_altering_settings, greedy_tokens
 from datamodules.case import Probe
 from metrics.functional import IGNORE_INDEX, TeacherForced, teacher_forced_outputs
 
@@ -77,6 +78,10 @@ class VLM(nn.Module, abc.ABC):
             share (same tokens and same pictures: an in-context editor's demonstrations, a shared
             edit image) once and the probes' remainders on its KV cache; only where the backbone
             `supports_prefix_cache`. False: every probe row runs whole.
+        reuse_teacher_forced: when probes just scored teacher-forced are also generated, read each
+            greedy answer off that pass wherever it decides it (`backbones/greedy_from_tf.py`:
+            every pick up to the first that leaves the gold answer) and decode only the other rows.
+            False: decode every row.
     """
 
     image_token: str = "<image>"
@@ -94,6 +99,7 @@ class VLM(nn.Module, abc.ABC):
         max_batch_size: int = 64,
         max_new_tokens: int = 0,
         share_prefixes: bool = True,
+        reuse_teacher_forced: bool = True,
     ) -> None:
         super().__init__()
         if "{content}" not in prompt_format:
@@ -108,6 +114,7 @@ class VLM(nn.Module, abc.ABC):
         self.max_batch_size = max_batch_size
         self.max_new_tokens = max_new_tokens
         self.share_prefixes = share_prefixes
+        self.reuse_teacher_forced = reuse_teacher_forced
 
     # ----------------------------------------------------------------- family hooks
     model: nn.Module
@@ -367,31 +374,72 @@ class VLM(nn.Module, abc.ABC):
 
         return self._in_chunks(probes, run)
 
+    def generation_configs(self) -> list[object]:
+        """The generation configs `generate` may consult: the model's and any nested model's (BLIP-2
+        hands decoding to its language model, which reads its own)."""
+        return [
+            m.generation_config
+            for m in self.model.modules()
+            if getattr(m, "generation_config", None) is not None
+        ]
+
+    def _answers_from_teacher_forced(
+        self, teacher_forced: Sequence[TeacherForced], budgets: Sequence[int]
+    ) -> list[str | None]:
+        """Each probe's greedy answer where its teacher-forced outputs decide it, else None."""
+        configs = self.generation_configs()
+        if not self.reuse_teacher_forced or any(greedy_altering_settings(c) for c in configs):
+            return [None] * len(budgets)
+        eos = eos_token_ids(configs)
+        answers: list[str | None] = []
+        for tf, budget in zip(teacher_forced, budgets, strict=True):
+            picks = greedy_tokens(tf.pred, tf.labels, budget, eos)
+            answers.append(None if picks is None else self._decode_generated(picks, budget))
+        return answers
+
+    def _budget(self, probe: Probe) -> int:
+        """How many tokens a probe's greedy answer runs for: its answer's own length plus `max_new_tokens`."""
+        return len(self.encode_answer(probe.answer)) + self.max_new_tokens
+
+    def _decode_generated(self, tokens: Sequence[int] | torch.Tensor, budget: int) -> str:
+        """A generated row as text, cut to its budget (the padding after an end-of-sequence pick is special, so skipped)."""
+        return self.tokenizer.decode([int(t) for t in tokens][:budget], skip_special_tokens=True)
+
     @torch.inference_mode()
-    def generate(self, probes: Sequence[Probe]) -> list[str]:
+    def generate(
+        self, probes: Sequence[Probe], teacher_forced: Sequence[TeacherForced] | None = None
+    ) -> list[str]:
         """Greedy answers, each cut to its own answer's token count plus `max_new_tokens`.
 
         A chunk decodes together up to its longest budget; each row is then cut to its own budget,
         so a probe's generation does not depend on which other probes share its batch.
+        `teacher_forced`: the same probes' outputs from `teacher_forced` on the model as it is now;
+        with `reuse_teacher_forced`, rows they decide are not decoded.
         """
+        budgets = [self._budget(p) for p in probes]
+        if teacher_forced is None:
+            answers: list[str | None] = [None] * len(probes)
+        else:
+            answers = self._answers_from_teacher_forced(teacher_forced, budgets)
+        todo = [i for i, answer in enumerate(answers) if answer is None]
 
         def run(chunk: Sequence[Probe]) -> list[str]:
             batch = self.build_batch(chunk, with_answers=False)
-            budgets = [len(self.encode_answer(p.answer)) + self.max_new_tokens for p in chunk]
+            chunk_budgets = [self._budget(p) for p in chunk]
             out = self.model.generate(
                 **batch.inputs,
-                max_new_tokens=max(budgets),
+                max_new_tokens=max(chunk_budgets),
                 do_sample=False,
                 num_beams=1,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
             new = out[:, batch.inputs["input_ids"].shape[1] :]
-            return [
-                self.tokenizer.decode(row[:budget], skip_special_tokens=True)
-                for row, budget in zip(new, budgets, strict=True)
-            ]
+            return [self._decode_generated(row, b) for row, b in zip(new, chunk_budgets, strict=True)]
 
-        return self._in_chunks(probes, run)
+        decoded = self._in_chunks([probes[i] for i in todo], run)
+        for i, answer in zip(todo, decoded, strict=True):
+            answers[i] = answer
+        return answers  # type: ignore[return-value]
 
     @torch.inference_mode()
     def embed(self, probes: Sequence[Probe]) -> torch.Tensor:

@@ -67,6 +67,8 @@ class Blip2FamilyVLM(VLM):
         max_new_tokens: extra tokens allowed beyond each answer's own length when generating (0: the greedy continuation is exactly as long as the answer, so exact match asks whether the model says the answer, not whether it stops).
         share_prefixes: run prompt prefixes shared by several probes of a chunk once (KV cache) in
             teacher-forced scoring; see `VLM`.
+        reuse_teacher_forced: read greedy answers off the teacher-forced pass where it decides them
+            and decode only the other rows; see `VLM`.
     """
 
     image_token = "<image>"
@@ -89,6 +91,7 @@ class Blip2FamilyVLM(VLM):
         max_batch_size: int = 64,
         max_new_tokens: int = 0,
         share_prefixes: bool = True,
+        reuse_teacher_forced: bool = True,
     ) -> None:
         super().__init__(
             self.default_prompt_format if prompt_format is None else prompt_format,
@@ -97,6 +100,7 @@ class Blip2FamilyVLM(VLM):
             max_batch_size,
             max_new_tokens,
             share_prefixes,
+            reuse_teacher_forced,
         )
         name = type(self).__name__
         if (pretrained is None) == (tiny is None):

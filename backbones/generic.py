@@ -74,6 +74,8 @@ class ImageTextToTextVLM(VLM):
         max_new_tokens: extra tokens allowed beyond each answer's own length when generating (0: the greedy continuation is exactly as long as the answer, so exact match asks whether the model says the answer, not whether it stops).
         share_prefixes: run prompt prefixes shared by several probes of a chunk once (KV cache) in
             teacher-forced scoring, for the model classes in `PREFIX_CACHE_MODELS`; see `VLM`.
+        reuse_teacher_forced: read greedy answers off the teacher-forced pass where it decides them
+            and decode only the other rows; see `VLM`.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class ImageTextToTextVLM(VLM):
         max_batch_size: int = 64,
         max_new_tokens: int = 0,
         share_prefixes: bool = True,
+        reuse_teacher_forced: bool = True,
     ) -> None:
         if (pretrained is None) == (tiny is None):
             raise ValueError(
@@ -124,6 +127,7 @@ class ImageTextToTextVLM(VLM):
             max_batch_size,
             max_new_tokens,
             share_prefixes,
+            reuse_teacher_forced,
         )
         self.model = model
         self.processor = processor

@@ -34,6 +34,8 @@ class LlavaVLM(VLM):
         prompt_format: LLaVA-1.5's conversation format by default.
         share_prefixes: run prompt prefixes shared by several probes of a chunk once (KV cache) in
             teacher-forced scoring; see `VLM`.
+        reuse_teacher_forced: read greedy answers off the teacher-forced pass where it decides them
+            and decode only the other rows; see `VLM`.
     """
 
     image_token = "<image>"
@@ -52,9 +54,16 @@ class LlavaVLM(VLM):
         max_batch_size: int = 64,
         max_new_tokens: int = 0,
         share_prefixes: bool = True,
+        reuse_teacher_forced: bool = True,
     ) -> None:
         super().__init__(
-            prompt_format, image_text, answer_prefix, max_batch_size, max_new_tokens, share_prefixes
+            prompt_format,
+            image_text,
+            answer_prefix,
+            max_batch_size,
+            max_new_tokens,
+            share_prefixes,
+            reuse_teacher_forced,
         )
         if (pretrained is None) == (tiny is None):
             raise ValueError(

@@ -51,6 +51,8 @@ class Qwen2VLVLM(VLM):
         share_prefixes: accepted for uniform configs; Qwen2-VL does not share prefixes: its
             multimodal rotary positions are computed from the whole row's image grids, and the
             split into a cached prefix and a suffix pass has not been checked against them.
+        reuse_teacher_forced: read greedy answers off the teacher-forced pass where it decides them
+            and decode only the other rows; see `VLM`.
     """
 
     image_token = "<|image_pad|>"
@@ -69,9 +71,16 @@ class Qwen2VLVLM(VLM):
         max_batch_size: int = 64,
         max_new_tokens: int = 0,
         share_prefixes: bool = True,
+        reuse_teacher_forced: bool = True,
     ) -> None:
         super().__init__(
-            prompt_format, image_text, answer_prefix, max_batch_size, max_new_tokens, share_prefixes
+            prompt_format,
+            image_text,
+            answer_prefix,
+            max_batch_size,
+            max_new_tokens,
+            share_prefixes,
+            reuse_teacher_forced,
         )
         if (pretrained is None) == (tiny is None):
             raise ValueError(

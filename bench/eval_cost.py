@@ -6,14 +6,15 @@
 All three run on the same backbone and cases, one after another in this process:
 - floor: the forward passes a case needs, batched: one teacher-forced pass over all its probes (as
   the edited system asks them), plus the pre-edit locality answers once per dataset (and, with
-  generation, one batched greedy decode of those probes); the teacher-forced passes share prompt
+  generation, the greedy answers: read off the teacher-forced pass where it decides them, one
+  batched decode of the other probes); the teacher-forced passes share prompt
   prefixes exactly when the loop's do (the backbone's `share_prefixes`, where it supports it), and
   the output says which;
 - loop: EditEval under a Lightning Trainer, as `edit.py test` runs it; its edit time is reported
   apart, since the floor cannot include what a method spends learning the edit;
 - naive: what research scripts do - deep-copy the model to restore it, recompute the unedited
   model's locality answers for every case, run one full forward per probe (never a shared prefix),
-  and fine-tune through the whole model at every step (`FineTune.cache_frozen` off).
+  decode every greedy answer, and fine-tune through the whole model at every step (`FineTune.cache_frozen` off).
 `--accelerator gpu` runs all three on the GPU (the backbone's dtype comes from the configs).
 The loop's and the naive loop's summaries must agree; the script prints both and the ratios.
 """
@@ -68,18 +69,18 @@ def floor_seconds(module: EditEval, cases: list[EditCase]) -> float:
     k = max(topk_needed(module.hparams.protocol, kind) for kind in PROBE_KINDS)
     loc = [p for c in cases for p in c.locality_probes()]
     start = time.perf_counter()
-    vlm.teacher_forced(loc, all_topk=k)
+    tf = vlm.teacher_forced(loc, all_topk=k)
     if generation:
-        vlm.generate(loc)
+        vlm.generate(loc, teacher_forced=tf)
     spent = time.perf_counter() - start
     for case in cases:
         with torch.enable_grad():
             handle = editor.apply(vlm, [case])
         probes = handle.prepare(case.all_probes())
         start = time.perf_counter()
-        vlm.teacher_forced(probes, all_topk=k)
+        tf = vlm.teacher_forced(probes, all_topk=k)
         if generation:
-            vlm.generate(probes)
+            vlm.generate(probes, teacher_forced=tf)
         spent += time.perf_counter() - start
         handle.restore()
     return spent
@@ -100,12 +101,13 @@ def naive_seconds(module: EditEval, cases: list[EditCase]) -> tuple[float, float
     protocol, generation = module.hparams.protocol, module.hparams.generation
     scores = ScoreSet(max_hops=module.hparams.max_hops)
     edit_time = 0.0
-    chunk, share = vlm.max_batch_size, vlm.share_prefixes
+    chunk, share, reuse = vlm.max_batch_size, vlm.share_prefixes, vlm.reuse_teacher_forced
     frozen_cache = None
     start = time.perf_counter()
     try:
         vlm.max_batch_size = 1  # one forward per probe
         vlm.share_prefixes = False  # and each one whole (a chunk of one shares nothing anyway)
+        vlm.reuse_teacher_forced = False  # and every greedy answer decoded
         # Research scripts' fine-tuning runs the whole model at every step; same weights either way.
         frozen_cache = getattr(editor, "cache_frozen", None)
         if frozen_cache is not None:
@@ -123,7 +125,7 @@ def naive_seconds(module: EditEval, cases: list[EditCase]) -> tuple[float, float
             scores.update_case(record["scores"])
             vlm.model.load_state_dict(saved)
     finally:
-        vlm.max_batch_size, vlm.share_prefixes = chunk, share
+        vlm.max_batch_size, vlm.share_prefixes, vlm.reuse_teacher_forced = chunk, share, reuse
         if frozen_cache is not None:
             editor.cache_frozen = frozen_cache
     return time.perf_counter() - start, edit_time, scores.compute()

@@ -33,7 +33,7 @@ def _run(vlm: VLM, probes: Sequence[Probe], protocol: str, generation: bool) -> 
         return []
     k = max(topk_needed(protocol, p.kind) for p in probes)
     tf = vlm.teacher_forced(probes, all_topk=k)
-    gen = vlm.generate(probes) if generation else [None] * len(probes)
+    gen = vlm.generate(probes, teacher_forced=tf) if generation else [None] * len(probes)
     return [ProbeOutputs(t, g) for t, g in zip(tf, gen, strict=True)]
 
 

@@ -117,7 +117,7 @@ def probe_sets(world: World, world_dir: str, split: str = "eval") -> dict[str, l
 
 def score(vlm: VLM, probes: list[Probe]) -> dict[str, float]:
     tf = vlm.teacher_forced(probes)
-    gen = vlm.generate(probes)
+    gen = vlm.generate(probes, teacher_forced=tf)
     n = max(1, len(probes))
     return {
         "n": len(probes),
