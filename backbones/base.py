@@ -336,7 +336,10 @@ class VLM(nn.Module, abc.ABC):
 
     def loss(self, probes: Sequence[Probe]) -> torch.Tensor:
         """Mean negative log-likelihood of the probes' answer tokens (what editors minimise)."""
-        batch = self.build_batch(probes)
+        return self.batch_loss(self.build_batch(probes))
+
+    def batch_loss(self, batch: ProbeBatch) -> torch.Tensor:
+        """`loss` of an already built batch (editors that step many times on the same probes build it once)."""
         return answer_nll(self.logits(batch), batch.labels)
 
     def _in_chunks(self, probes: Sequence[Probe], run: Callable[[Sequence[Probe]], list[T]]) -> list[T]:

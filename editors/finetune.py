@@ -8,7 +8,9 @@ swing with the learning rate and the stopping rule.
 When every trained tensor lies in the language layers from some layer i up (or in the final norm
 and lm_head), as for FT (LLM), everything below layer i is frozen and sees the same input at every
 step: each case then runs it once and replays only the upper layers per step
-(`backbones/frozen_prefix.py`), with the same losses and edited weights bit for bit.
+(`backbones/frozen_prefix.py`), with the same losses and edited weights bit for bit. When they
+lie below (FT (Vis): the projector), the frozen vision tower runs once per case instead
+(`backbones/frozen_vision.py`). Either way a case's probes are tokenised and preprocessed once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from backbones.base import VLM
 from backbones.frozen_prefix import PrefixCachedLoss, first_trained_layer
+from backbones.frozen_vision import reuse_frozen_outputs
 from datamodules.case import EditCase
 from editors.base import Editor, ParameterSnapshot, WeightEditHandle
 from editors.tuning import make_optimizer, only_these_trainable
@@ -44,7 +47,10 @@ class FineTune(Editor):
             layers below i) once per case and only layers i.. per step; the losses and edited
             weights do not change. Falls back to the whole model by itself where that cannot be
             exact (vision or projector targets, an lm_head tied to the input embeddings, a backbone
-            that names no final modules). False always runs the whole model.
+            that names no final modules). Otherwise the frozen modules below the language model
+            (FT (Vis)'s vision tower) run once per case and hand back that output at later steps
+            (`backbones/frozen_vision.py`), again without changing any number. False always runs
+            the whole model.
         name: recorded in results.
     """
 
@@ -125,7 +131,35 @@ class FineTune(Editor):
         start = time.perf_counter()
         # Each case caches its own probes, on the model as the earlier cases of a sequence left it.
         cached = PrefixCachedLoss(vlm, case.edits, first) if first is not None else None
-        loss_fn: Callable[[], torch.Tensor] = cached if cached is not None else lambda: vlm.loss(case.edits)
+        if cached is not None:
+            loss_fn: Callable[[], torch.Tensor] = cached
+        else:
+            # Tokenised and preprocessed once: every step sees the same tensors (the same pixel
+            # tensor is also what lets frozen vision modules hand back their features).
+            batch = vlm.build_batch(case.edits)
+            loss_fn = lambda: vlm.batch_loss(batch)  # noqa: E731
+        # Below the language model, frozen modules (FT (Vis)'s vision tower) see the same pixels at
+        # every step: they run once per case and hand back their output afterwards.
+        watch = vlm.vision_modules() + vlm.projector_modules() if self.cache_frozen and cached is None else []
+        with reuse_frozen_outputs(watch) as memos:
+            steps_used, initial, final = self._optimise(loss_fn, optim)
+        return {
+            "case_id": case.case_id,
+            "steps": steps_used,
+            "initial_loss": initial,
+            "final_loss": final,
+            "stopped_early": steps_used < self.steps,
+            # The first language layer run per step (None: the whole model ran at every step).
+            "replayed_from_layer": first if cached is not None and cached.cached else None,
+            # Calls of frozen vision-side modules answered from their first output.
+            "frozen_outputs_reused": sum(m.hits for m in memos),
+            "time_s": time.perf_counter() - start,
+        }
+
+    def _optimise(
+        self, loss_fn: Callable[[], torch.Tensor], optim: torch.optim.Optimizer
+    ) -> dict[str, object]:
+        """The step loop: `steps` updates (fewer with `stop_loss`), then one forward for the final loss."""
         initial = math.nan
         loss_value = math.nan
         steps_used = 0
@@ -144,13 +178,4 @@ class FineTune(Editor):
             loss.backward()
             optim.step()
             steps_used += 1
-        return {
-            "case_id": case.case_id,
-            "steps": steps_used,
-            "initial_loss": initial,
-            "final_loss": loss_value,
-            "stopped_early": steps_used < self.steps,
-            # The first language layer run per step (None: the whole model ran at every step).
-            "replayed_from_layer": first if cached is not None and cached.cached else None,
-            "time_s": time.perf_counter() - start,
-        }
+        return steps_used, initial, loss_value

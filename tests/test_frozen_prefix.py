@@ -96,17 +96,17 @@ def run_ft(vlm, targets, cache, monkeypatch):
             losses.append(loss.detach().clone())
             return loss
 
-    full_loss = type(vlm).loss
+    full_loss = type(vlm).batch_loss
 
-    def recording_loss(probes):
-        loss = full_loss(vlm, probes)
+    def recording_loss(batch):
+        loss = full_loss(vlm, batch)
         losses.append(loss.detach().clone())
         return loss
 
     cases = [make_case(0), make_case(1)]
     with monkeypatch.context() as patch:
         patch.setattr(editors.finetune, "PrefixCachedLoss", Recording)
-        patch.setattr(vlm, "loss", recording_loss)
+        patch.setattr(vlm, "batch_loss", recording_loss)
         editor = FineTune(targets, lr=5e-2, steps=3, cache_frozen=cache)
         handle = editor.apply(vlm, cases)
     state = {k: v.clone() for k, v in vlm.model.state_dict().items()}
