@@ -72,6 +72,9 @@ class EditEval(pl.LightningModule):
     def on_test_start(self) -> None:
         self.backbone.model.eval()
         self.editor.setup(self.backbone)
+        # Counters are per run: a module tested twice (benchmark rounds) reports each run alone.
+        self._done, self._edit_seconds, self._n_edits, self._n_resumed = {}, 0.0, 0, 0
+        self._run_skipped = []
         if self.hparams.results_dir:
             self._log = CaseLog(self.hparams.results_dir)
             if self.trainer.is_global_zero:
