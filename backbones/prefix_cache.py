@@ -6,7 +6,7 @@ Rel, T-Gen and Port share the edit image (576 of ~620 tokens on LLaVA-1.5). `sha
 tokenises the chunk once, finds the prefixes worth sharing, runs each distinct prefix once
 (left-padded, filling a `DynamicCache`), selects the cache rows for the probes that use it and runs
 only their suffixes on top. Probes that share nothing go through the plain forward, and a chunk
-where sharing would save little (`MIN_SAVING`, `MIN_SAVED_TOKENS`) runs as one plain forward, the
+where sharing would save little (`MIN_SAVING`, `MIN_SAVED_WORK`) runs as one plain forward, the
 passes it ran before.
 Generation (`VLM.generate`) is not affected.
 
@@ -43,12 +43,15 @@ _MARK = "\u2063PREFIX\u2063"
 #: to two more forward passes (prefixes, then suffixes, beside the plain rows), which a few saved
 #: tokens do not pay for.
 MIN_SAVING = 0.1
-#: ...and at least this many tokens: each extra forward call has a fixed cost (Python, kernel
-#: launches) worth a few hundred tokens of work. Measured on the world's LLaVA backbone (CPU), one
-#: FT case's nine probes (281 tokens) sharing their edit picture (95 tokens saved) took 45 ms
-#: split and 34 ms plain; an IKE chunk (8,609 tokens, 5,912 saved) took 248 ms split, 511 ms plain.
-#: On LLaVA-1.5 each shared picture alone saves 576 tokens.
-MIN_SAVED_TOKENS = 256
+#: ...and saves at least this much work, counted as saved tokens x hidden size^2 (a token's cost in
+#: a layer grows with the square of the width): each extra forward call has a fixed cost (Python,
+#: kernel launches) that a few saved tokens of a narrow model do not pay for, while on a wide one
+#: every token counts. Measured on CPU: on the world's LLaVA backbone (width 128) one FT case's nine
+#: probes (281 tokens) sharing their edit picture (95 tokens saved, 1.6e6) took 45 ms split and
+#: 34 ms plain, an IKE chunk (8,609 tokens, 5,912 saved, 9.7e7) 248 ms split and 511 ms plain.
+#: The bound lets a width-128 model share from ~600 saved tokens, width 512 from ~40, a 4096-wide
+#: LLaVA-1.5 from one.
+MIN_SAVED_WORK = 1e7
 
 # Digests by object id; the weak reference proves the id still names the same image.
 _DIGESTS: dict[int, tuple[weakref.ref[Image.Image], bytes]] = {}
@@ -311,9 +314,15 @@ def plan_chunk(vlm: VLM, probes: Sequence[Probe]) -> ChunkPlan:
     plain = sum(len(r.ids) for r in rows)
     once = {id(node): node.length for node in prefixes if node is not None}
     saved = sum(node.length for node in prefixes if node is not None) - sum(once.values())
-    if saved < MIN_SAVING * plain or saved < MIN_SAVED_TOKENS:
+    if saved < MIN_SAVING * plain or saved * _hidden_size(vlm) ** 2 < MIN_SAVED_WORK:
         prefixes = [None] * len(probes)
     return ChunkPlan(batch, keys, rows, prefixes)
+
+
+def _hidden_size(vlm: VLM) -> int:
+    config = vlm.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "hidden_size", 0) or 0)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from backbones.prefix_cache import MIN_SAVED_TOKENS, MIN_SAVING
+from backbones.prefix_cache import MIN_SAVED_WORK, MIN_SAVING
 from datamodules.case import PROBE_KINDS, EditCase
 from lightning_modules.case_scoring import reference_outputs, score_cases
 from lightning_modules.cli import EditCLI, edit_trainer
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         f"shared prompt prefixes (teacher-forced, floor and loop): {'on' if sharing else 'off'}"
         f" (share_prefixes={vlm.share_prefixes}, supports_prefix_cache={vlm.supports_prefix_cache};"
         f" a chunk is split only where that saves >= {MIN_SAVING:.0%} of its tokens"
-        f" and >= {MIN_SAVED_TOKENS} tokens)"
+        f" and >= {MIN_SAVED_WORK:.0e} saved tokens x width^2)"
     )
     print(f"{'':28}{'s/case':>10}{'eval s/case':>13}")
     floor_name = "floor (batched, sharing on)" if sharing else "floor (batched passes)"

@@ -27,7 +27,7 @@ SHARING = sorted(name for name in BUILDERS if name != "qwen2_vl")
 def share_any_saving(monkeypatch):
     # Tiny pictures take few tokens; test the mechanism even where the saving would not pay.
     monkeypatch.setattr(prefix_cache, "MIN_SAVING", 0.0)
-    monkeypatch.setattr(prefix_cache, "MIN_SAVED_TOKENS", 0)
+    monkeypatch.setattr(prefix_cache, "MIN_SAVED_WORK", 0)
 
 
 @pytest.fixture(scope="module", params=SHARING)
@@ -157,14 +157,15 @@ def test_small_savings_keep_the_plain_forward(tiny_llava, monkeypatch) -> None:
     assert len(plan_chunk(tiny_llava, ike_style()).shared()) == 5
 
 
-def test_few_saved_tokens_keep_the_plain_forward(tiny_llava, monkeypatch) -> None:
-    # A share large enough, but too few tokens to pay for two more forward calls.
+def test_little_saved_work_keeps_the_plain_forward(tiny_llava, monkeypatch) -> None:
+    # A share large enough, but too little work (tokens x width^2) to pay for two more forward calls.
     plan = plan_chunk(tiny_llava, ike_style())
     nodes = [node for node in plan.prefixes if node is not None]
     saved = sum(node.length for node in nodes) - sum({id(node): node.length for node in nodes}.values())
-    monkeypatch.setattr(prefix_cache, "MIN_SAVED_TOKENS", saved + 1)
+    work = saved * tiny_llava.model.config.text_config.hidden_size**2
+    monkeypatch.setattr(prefix_cache, "MIN_SAVED_WORK", work + 1)
     assert plan_chunk(tiny_llava, ike_style()).shared() == []
-    monkeypatch.setattr(prefix_cache, "MIN_SAVED_TOKENS", saved)
+    monkeypatch.setattr(prefix_cache, "MIN_SAVED_WORK", work)
     assert len(plan_chunk(tiny_llava, ike_style()).shared()) == 5
 
 
