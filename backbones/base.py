@@ -169,6 +169,7 @@ class VLM(nn.Module, abc.ABC):
             "image_text": self.image_text,
             "answer_prefix": self.answer_prefix,
             "shares_prefixes": self.share_prefixes and self.supports_prefix_cache,
+            "reuses_teacher_forced": self.reuse_teacher_forced,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
         }
 

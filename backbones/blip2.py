@@ -142,11 +142,11 @@ class Blip2FamilyVLM(VLM):
         return OPTConfig(
             vocab_size=len(tokenizer),
             hidden_size=spec.hidden_size,
-            ffn_dim=spec.hidden_size * 2,
+            ffn_dim=spec.ffn_size,
             word_embed_proj_dim=spec.hidden_size,
             num_hidden_layers=spec.num_layers,
             num_attention_heads=spec.num_heads,
-            max_position_embeddings=1024,
+            max_position_embeddings=spec.max_positions,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

@@ -167,11 +167,11 @@ def build_tiny_qwen2_vl(
         text_config={
             "vocab_size": len(tokenizer),
             "hidden_size": spec.hidden_size,
-            "intermediate_size": spec.hidden_size * 2,
+            "intermediate_size": spec.ffn_size,
             "num_hidden_layers": spec.num_layers,
             "num_attention_heads": spec.num_heads,
             "num_key_value_heads": spec.num_heads,
-            "max_position_embeddings": 1024,
+            "max_position_embeddings": spec.max_positions,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
             "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id,

@@ -29,6 +29,10 @@ class TinySpec:
         num_heads: attention heads in both towers.
         num_query_tokens: Q-Former queries (BLIP-2 families only).
         seed: initialisation seed, so two builds are identical.
+        intermediate_size: width of the language model's feed-forward layers; None: twice
+            `hidden_size`. (Benchmarks shape a real model with it: LLaVA-1.5-7B has 11008.)
+        max_positions: the language model's position limit (`max_position_embeddings`;
+            LLaVA-1.5 has 4096).
     """
 
     hidden_size: int = 32
@@ -40,6 +44,8 @@ class TinySpec:
     num_heads: int = 2
     num_query_tokens: int = 4
     seed: int = 0
+    intermediate_size: int | None = None
+    max_positions: int = 1024
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -50,6 +56,11 @@ class TinySpec:
             raise ValueError(
                 "tiny.hidden_size and tiny.vision_hidden_size must be multiples of tiny.num_heads"
             )
+
+    @property
+    def ffn_size(self) -> int:
+        """The language model's feed-forward width."""
+        return self.intermediate_size or self.hidden_size * 2
 
 
 def byte_tokenizer(
@@ -96,11 +107,11 @@ def tiny_llama_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> Lla
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
-        intermediate_size=spec.hidden_size * 2,
+        intermediate_size=spec.ffn_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=spec.max_positions,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

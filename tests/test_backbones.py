@@ -11,7 +11,15 @@ from jsonargparse import ArgumentParser
 from PIL import Image
 from tiny_families import FAMILIES
 
-from backbones import VLM, MiniGPT4VLM
+from backbones import (
+    VLM,
+    Blip2OptVLM,
+    ImageTextToTextVLM,
+    LlavaVLM,
+    MiniGPT4VLM,
+    Qwen2VLVLM,
+    TinySpec,
+)
 from datamodules.case import ContextItem, Probe
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "backbones"
@@ -188,3 +196,22 @@ def test_llava_random_init_reads_only_the_config(tmp_path: Path) -> None:
     }
     out = vlm.teacher_forced([Probe("What is it?", "a cat", image((40, 30)))])
     assert len(out) == 1 and out[0].pred.shape == out[0].labels.shape
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        LlavaVLM,
+        Blip2OptVLM,
+        MiniGPT4VLM,
+        Qwen2VLVLM,
+        lambda tiny: ImageTextToTextVLM(tiny=tiny, family="llava_next"),
+    ],
+    ids=["llava", "blip2_opt", "minigpt4", "qwen2_vl", "generic_llava_next"],
+)
+def test_tiny_spec_shapes_the_language_model(build) -> None:
+    # Benchmarks shape real models with these (LLaVA-1.5-7B: 11008-wide MLPs, 4096 positions).
+    vlm = build(tiny=TinySpec(intermediate_size=48, max_positions=2048))
+    text = vlm.model.config.get_text_config()
+    assert (getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None)) == 48
+    assert vlm.max_positions() == 2048
