@@ -115,6 +115,8 @@ class VLM(nn.Module, abc.ABC):
         self.max_new_tokens = max_new_tokens
         self.share_prefixes = share_prefixes
         self.reuse_teacher_forced = reuse_teacher_forced
+        #: Greedy answers so far: read off a teacher-forced pass, or decoded (results record them).
+        self.generation_counts = {"read_off_teacher_forced": 0, "decoded": 0}
 
     # ----------------------------------------------------------------- family hooks
     model: nn.Module
@@ -426,6 +428,8 @@ class VLM(nn.Module, abc.ABC):
         else:
             answers = self._answers_from_teacher_forced(teacher_forced, budgets)
         todo = [i for i, answer in enumerate(answers) if answer is None]
+        self.generation_counts["read_off_teacher_forced"] += len(probes) - len(todo)
+        self.generation_counts["decoded"] += len(todo)
 
         def run(chunk: Sequence[Probe]) -> list[str]:
             batch = self.build_batch(chunk, with_answers=False)

@@ -75,6 +75,7 @@ class EditEval(pl.LightningModule):
         # Counters are per run: a module tested twice (benchmark rounds) reports each run alone.
         self._done, self._edit_seconds, self._n_edits, self._n_resumed = {}, 0.0, 0, 0
         self._run_skipped = []
+        self.backbone.generation_counts = dict.fromkeys(self.backbone.generation_counts, 0)
         if self.hparams.results_dir:
             self._log = CaseLog(self.hparams.results_dir)
             if self.trainer.is_global_zero:
@@ -208,6 +209,8 @@ class EditEval(pl.LightningModule):
                 "editor": self.editor.describe(),
                 "edit_seconds_per_case_rank0": self._edit_seconds / max(self._n_edits, 1),
                 "n_resumed_rank0": self._n_resumed,
+                # How the greedy answers (pre-edit locality references included) were obtained.
+                "generated_rows_rank0": dict(self.backbone.generation_counts),
                 "world_size": self.trainer.world_size,
                 "config": self.run_config,
             }

@@ -75,6 +75,8 @@ def test_sequential_and_mmedit_protocol(tmp_path, monkeypatch):
 def test_rerun_resumes_without_recomputing(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     first = run_edit(tmp_path, "--data.limit", "4")
+    rows = first["generated_rows_rank0"]
+    assert set(rows) == {"read_off_teacher_forced", "decoded"} and sum(rows.values()) > 0
     lines_before = (tmp_path / "results" / "cases.jsonl").read_bytes()
     # Drop the last case and tear the line before it: a run killed mid-write looks like this.
     kept = lines_before.splitlines(keepends=True)[:-1]

@@ -440,7 +440,13 @@ RUN_ARGS = [
     "1",
 ]
 #: Summary fields that legitimately differ between runs of the same experiment.
-RUN_LOCAL = ("edit_seconds_per_case_rank0", "n_resumed_rank0", "config", "world_size")
+RUN_LOCAL = (
+    "edit_seconds_per_case_rank0",
+    "n_resumed_rank0",
+    "generated_rows_rank0",
+    "config",
+    "world_size",
+)
 
 
 @dataclass
