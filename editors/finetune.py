@@ -158,8 +158,11 @@ class FineTune(Editor):
 
     def _optimise(
         self, loss_fn: Callable[[], torch.Tensor], optim: torch.optim.Optimizer
-    ) -> dict[str, object]:
-        """The step loop: `steps` updates (fewer with `stop_loss`), then one forward for the final loss."""
+    ) -> tuple[int, float, float]:
+        """`steps` updates (fewer with `stop_loss`), then one forward for the final loss.
+
+        Returns the steps taken and the losses before the first and after the last update.
+        """
         initial = math.nan
         loss_value = math.nan
         steps_used = 0
