@@ -17,6 +17,7 @@ from datamodules.edit_datamodule import EditDataModule
 from datamodules.images import ImageLoadError
 from datamodules.records import BadRecordError
 from editors.checkpoint import EditorCheckpointError
+from lightning_modules.config_errors import config_errors_named
 from lightning_modules.edit_eval import EditEval
 
 #: Problems with what the user gave (data, images, results folder, checkpoints), as opposed to bugs:
@@ -55,7 +56,7 @@ class EditCLI(LightningCLI):
     """`edit.py`: EditEval + EditDataModule, with `--results_dir` at the top level."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        with user_errors_exit():
+        with config_errors_named(args, [EDIT_BASE_CONFIG]), user_errors_exit():
             super().__init__(
                 EditEval,
                 EditDataModule,
@@ -103,5 +104,8 @@ def user_errors_exit() -> Iterator[None]:
 def _parser_kwargs(run: bool) -> dict[str, Any]:
     # The base config belongs to the subcommand's parser (`edit.py test ...`); without a
     # subcommand (run=False, used by tests and notebooks) it belongs to the main parser.
-    defaults = {"default_config_files": [str(EDIT_BASE_CONFIG)]}
-    return {"default_env": False, **({"test": defaults} if run else defaults)}
+    # Parse errors are raised, not printed and exited on, so that `config_errors_named` can say
+    # which config file they come from.
+    defaults = {"default_config_files": [str(EDIT_BASE_CONFIG)], "exit_on_error": False}
+    main = {"default_env": False, "exit_on_error": False}
+    return {**main, **({"test": defaults} if run else defaults)}
