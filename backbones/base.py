@@ -334,8 +334,8 @@ class VLM(nn.Module, abc.ABC):
         return ProbeBatch(inputs, labels.to(device), spans, [len(r) for r in rows], left)
 
     # ----------------------------------------------------------------- forward passes
-    def logits(self, batch: ProbeBatch) -> torch.Tensor:
-        return self.model(**batch.inputs).logits
+    def logits(self, batch: ProbeBatch, **forward_kwargs: object) -> torch.Tensor:
+        return self.model(**batch.inputs, **forward_kwargs).logits
 
     def loss(self, probes: Sequence[Probe]) -> torch.Tensor:
         """Mean negative log-likelihood of the probes' answer tokens (what editors minimise)."""

@@ -13,6 +13,11 @@ is exact for every family without knowing how each builds its positions: OPT add
 to the embeddings, Qwen2-VL computes 3-D mrope positions in the outer model from the image grids,
 Qwen2 gives sliding-window layers their own mask. The same modules run on the same tensors, so
 losses, gradients and edited weights are the full forward's bit for bit on a deterministic device.
+The capture runs without a key/value cache (a forward with one computes the same attention: the
+cache only hands the keys and values through), so the replayed layers get none either; their
+arguments are then the same objects at every step, and a frozen part of a replayed layer (the
+attention and norms of the last layer when only its MLP trains) can hand back its output
+(`backbones/frozen_vision.reuse_frozen_outputs`, which `FineTune` applies).
 The first replayed loss is also compared with the full forward's, bit for bit: an adapter that
 misses something (an op between layers, logit soft-capping) fails that check, warns, and the loss
 falls back to `vlm.loss` for the rest of its life.
@@ -120,7 +125,10 @@ class PrefixCachedLoss:
         try:
             with torch.no_grad():
                 batch = self.vlm.build_batch(self.probes)
-                self._reference = answer_nll(self.vlm.logits(batch), batch.labels)
+                # No key/value cache: the layers then get none, nor does a replay, so a replayed
+                # call's arguments are the same objects at every step and frozen parts of the
+                # replayed layers can hand back their outputs (see `FineTune`).
+                self._reference = answer_nll(self.vlm.logits(batch, use_cache=False), batch.labels)
         finally:
             for h in handles:
                 h.remove()

@@ -1,4 +1,4 @@
-"""Run frozen vision modules once per edit, not once per optimisation step.
+"""Run frozen modules once per edit, not once per optimisation step (the vision tower under FT (Vis)).
 
 FT (Vis) trains the projector (or BLIP-2's Q-Former): the vision tower below it is frozen and sees
 the same pixels at every step, so it computes the same features every time. While
@@ -9,6 +9,9 @@ equal values (`torch.equal`; families reshape or concatenate pixels per call, so
 rarely hold), and equal other arguments. The previous output is handed back in a fresh container
 (BLIP-2 writes its projected features into the vision output it got) and only while no one has
 modified its tensors in place. Anything else runs the module as usual.
+
+`FineTune` also watches the layers it replays (`backbones/frozen_prefix.py`): when only the last
+layer's MLP trains, that layer's attention and norms get the same inputs at every step as well.
 
 Same module, same frozen weights, same input values: the reused output is the one the module would
 compute again, so losses and edited weights are unchanged bit for bit (tested per family). Comparing

@@ -8,9 +8,11 @@ swing with the learning rate and the stopping rule.
 When every trained tensor lies in the language layers from some layer i up (or in the final norm
 and lm_head), as for FT (LLM), everything below layer i is frozen and sees the same input at every
 step: each case then runs it once and replays only the upper layers per step
-(`backbones/frozen_prefix.py`), with the same losses and edited weights bit for bit. When they
-lie below (FT (Vis): the projector), the frozen vision tower runs once per case instead
-(`backbones/frozen_vision.py`). Either way a case's probes are tokenised and preprocessed once.
+(`backbones/frozen_prefix.py`), with the same losses and edited weights bit for bit; frozen parts
+of the replayed layers (the attention of FT (LLM)'s last layer) run once per case too. When the
+trained tensors lie below (FT (Vis): the projector), the frozen vision tower runs once per case
+instead (`backbones/frozen_vision.py`). Either way a case's probes are tokenised and preprocessed
+once.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class FineTune(Editor):
             the whole budget. The steps actually used are recorded in `handle.stats`.
         cache_frozen: when every trained parameter lies in language layers from some layer i up,
             the final norm or lm_head, run the frozen rest (vision tower, projector, embeddings,
-            layers below i) once per case and only layers i.. per step; the losses and edited
-            weights do not change. Falls back to the whole model by itself where that cannot be
+            layers below i) once per case and only layers i.. per step (their frozen parts whose
+            inputs do not change, such as layer i's attention when only its MLP trains, once per
+            case too); the losses and edited weights do not change. Falls back to the whole model by itself where that cannot be
             exact (vision or projector targets, an lm_head tied to the input embeddings, a backbone
             that names no final modules). Otherwise the frozen modules below the language model
             (FT (Vis)'s vision tower) run once per case and hand back that output at later steps
@@ -138,9 +141,15 @@ class FineTune(Editor):
             # tensor is also what lets frozen vision modules hand back their features).
             batch = vlm.build_batch(case.edits)
             loss_fn = lambda: vlm.batch_loss(batch)  # noqa: E731
-        # Below the language model, frozen modules (FT (Vis)'s vision tower) see the same pixels at
-        # every step: they run once per case and hand back their output afterwards.
-        watch = vlm.vision_modules() + vlm.projector_modules() if self.cache_frozen and cached is None else []
+        # Frozen modules that see the same inputs at every step run once per case and hand back
+        # their output afterwards: below the language model (FT (Vis)'s vision tower), or inside
+        # the replayed layers (the last layer's attention and norms when only its MLP trains).
+        if not self.cache_frozen:
+            watch = []
+        elif cached is None:
+            watch = vlm.vision_modules() + vlm.projector_modules()
+        else:
+            watch = list(cached.layers)
         with reuse_frozen_outputs(watch) as memos:
             steps_used, initial, final = self._optimise(loss_fn, optim)
         return {
@@ -151,7 +160,7 @@ class FineTune(Editor):
             "stopped_early": steps_used < self.steps,
             # The first language layer run per step (None: the whole model ran at every step).
             "replayed_from_layer": first if cached is not None and cached.cached else None,
-            # Calls of frozen vision-side modules answered from their first output.
+            # Calls of frozen modules answered from their first output.
             "frozen_outputs_reused": sum(m.hits for m in memos),
             "time_s": time.perf_counter() - start,
         }

@@ -107,3 +107,14 @@ def test_a_trained_tower_is_not_reused(tiny_llava, monkeypatch) -> None:
     _, _, stats = run_ft(tiny_llava, ["vision"], True, monkeypatch)
     # The projector is frozen but its input (the tower's output) changes with every step.
     assert all(c["frozen_outputs_reused"] == 0 for c in stats["cases"])
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_ft_llm_reuses_the_replayed_layers_attention(name, monkeypatch) -> None:
+    vlm = FAMILIES[name]()
+    _, state, stats = run_ft(vlm, ["ffn:-1"], True, monkeypatch)
+    _, plain_state, _ = run_ft(vlm, ["ffn:-1"], False, monkeypatch)
+    # The last layer is replayed; its attention (frozen, same input every step) is not recomputed.
+    assert all(c["replayed_from_layer"] == vlm.num_language_layers - 1 for c in stats["cases"])
+    assert all(c["frozen_outputs_reused"] >= 3 for c in stats["cases"]), stats["cases"]
+    assert all(torch.equal(state[k], plain_state[k]) for k in state)
