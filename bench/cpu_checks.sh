@@ -14,8 +14,8 @@ run() {
   { echo "# $*"; echo "# $(nproc)-core CPU, $(date -u +%F), torch $($PY -c 'import torch; print(torch.__version__)')"
     # Without the per-run results tables and library chatter; the ratios and rates stay.
     $PY "$@" 2>&1 | grep -v -e Warning -e "^GPU available" -e "^TPU available" -e "Tip:" -e "Seed set" \
-      -e "Loading weights" -e "LeafSpec" -e "LightningCLI's args" -e "^method " -e "^-----" \
-      -e "^ft_llm \|^ft_vis \|^ike " -e "^(scores in"
+      -e "Loading weights" -e "LeafSpec" -e "LightningCLI's args" -e "^method .*Rel" -e "^-----" \
+      -e "^(scores in" | grep -v -E "^(ft_llm|ft_vis|ike) +[0-9]"
   } > "$OUT/$name.txt"
   tail -12 "$OUT/$name.txt"
 }
