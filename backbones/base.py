@@ -175,11 +175,14 @@ class VLM(nn.Module, abc.ABC):
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
         }
 
+    def text_config(self) -> object:
+        """The language model's config (the whole config for models that have no nested one)."""
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
     def max_positions(self) -> int | None:
         """The language model's position limit (`max_position_embeddings`), None where it names none."""
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        limit = getattr(text, "max_position_embeddings", None)
+        limit = getattr(self.text_config(), "max_position_embeddings", None)
         return int(limit) if isinstance(limit, int) and limit > 0 else None
 
     def fingerprint(self, *groups: str) -> dict[str, object]:
@@ -190,8 +193,7 @@ class VLM(nn.Module, abc.ABC):
         (or worse, no error) halfway through an evaluation. `groups` are parameter groups as in
         `parameter_group` (`"ffn:-1"`, `"projector"`); their names and shapes are included.
         """
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = self.text_config()
         embeddings = self.model.get_input_embeddings()
         return {
             "model_class": type(self.model).__name__,

@@ -314,15 +314,10 @@ def plan_chunk(vlm: VLM, probes: Sequence[Probe]) -> ChunkPlan:
     plain = sum(len(r.ids) for r in rows)
     once = {id(node): node.length for node in prefixes if node is not None}
     saved = sum(node.length for node in prefixes if node is not None) - sum(once.values())
-    if saved < MIN_SAVING * plain or saved * _hidden_size(vlm) ** 2 < MIN_SAVED_WORK:
+    width = int(getattr(vlm.text_config(), "hidden_size", 0) or 0)
+    if saved < MIN_SAVING * plain or saved * width**2 < MIN_SAVED_WORK:
         prefixes = [None] * len(probes)
     return ChunkPlan(batch, keys, rows, prefixes)
-
-
-def _hidden_size(vlm: VLM) -> int:
-    config = vlm.model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(getattr(text, "hidden_size", 0) or 0)
 
 
 @dataclass
