@@ -1,6 +1,7 @@
 """Backbone adapters: one per model family, all behind the `VLM` interface."""
 
-from backbones.base import VLM, TeacherForced
+from backbones.base import VLM
+from backbones.batching import TeacherForced
 from backbones.blip2 import Blip2FamilyVLM, Blip2OptVLM
 from backbones.generic import ImageTextToTextVLM
 from backbones.llava import LlavaVLM

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
 from PIL import Image
 from torch import nn
 
+from backbones.batching import IGNORE_INDEX, ProbeBatch, TeacherForced, answer_nll, teacher_forced_outputs
 from backbones.greedy_from_tf import eos_token_ids, greedy_altering_settings, greedy_tokens
-from datamodules.case import Probe
-from metrics.functional import IGNORE_INDEX, TeacherForced, teacher_forced_outputs
+from backbones.prefix_cache import shared_teacher_forced
+from backbones.training_loss import TrainingLoss
+from core.case import Probe
 
 T = TypeVar("T")
 
@@ -47,21 +48,6 @@ class PromptTooLongError(ValueError):
             f"{length} tokens long (prompt, image tokens, context and answer), more than the model's "
             f"{limit} positions (max_position_embeddings)"
         )
-
-
-@dataclass
-class ProbeBatch:
-    """A padded batch of probes ready for `model(**inputs)`.
-
-    `answer_spans[i]` is (start, end) of probe i's answer tokens in its row (empty for prompts only).
-    `lengths[i]` is the unpadded length of row i.
-    """
-
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor
-    answer_spans: list[tuple[int, int]]
-    lengths: list[int]
-    left_padded: bool
 
 
 class VLM(nn.Module, abc.ABC):
@@ -347,6 +333,14 @@ class VLM(nn.Module, abc.ABC):
         """`loss` of an already built batch (editors that step many times on the same probes build it once)."""
         return answer_nll(self.logits(batch), batch.labels)
 
+    def training_loss(self, trained: Iterable[nn.Parameter], reuse_frozen: bool = True) -> TrainingLoss:
+        """Loss closures for optimising `trained` on fixed probes: `with vlm.training_loss(p).over(probes) as loss`.
+
+        The backbone runs what stays frozen once per case where that is exact
+        (`backbones/training_loss.py`); `reuse_frozen=False` runs the whole model at every call.
+        """
+        return TrainingLoss(self, trained, reuse_frozen)
+
     def _in_chunks(self, probes: Sequence[Probe], run: Callable[[Sequence[Probe]], list[T]]) -> list[T]:
         """`run` over chunks of at most `max_batch_size` probes of similar length, results in input order.
 
@@ -372,8 +366,6 @@ class VLM(nn.Module, abc.ABC):
 
         def run(chunk: Sequence[Probe]) -> list[TeacherForced]:
             if self.share_prefixes and self.supports_prefix_cache:
-                from backbones.prefix_cache import shared_teacher_forced  # it imports this module
-
                 return shared_teacher_forced(self, chunk, all_topk)
             batch = self.build_batch(chunk)
             return teacher_forced_outputs(
@@ -463,13 +455,6 @@ class VLM(nn.Module, abc.ABC):
             return list(((hidden[-1] * mask).sum(1) / mask.sum(1)).float().cpu())
 
         return torch.stack(self._in_chunks(probes, run)) if probes else torch.zeros(0)
-
-
-def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of the labelled tokens; logit t predicts token t+1 (shared by `VLM.loss` and its replays)."""
-    return nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-    )
 
 
 def _length_key(probe: Probe) -> tuple[int, int]:

@@ -33,11 +33,11 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache
 
-from backbones.base import VLM, answer_nll
-from datamodules.case import Probe
+from backbones.batching import BatchingBackbone, answer_nll
+from core.case import Probe
 
 
-def first_trained_layer(vlm: VLM, params: Iterable[nn.Parameter]) -> int | None:
+def first_trained_layer(vlm: BatchingBackbone, params: Iterable[nn.Parameter]) -> int | None:
     """The lowest language layer that uses any of `params`; N (the layer count) for the final modules only.
 
     None when the frozen prefix cannot be cached: the adapter names no final modules, or one of the
@@ -87,7 +87,7 @@ class PrefixCachedLoss:
             modules), as returned by `first_trained_layer`.
     """
 
-    def __init__(self, vlm: VLM, probes: Sequence[Probe], first_layer: int) -> None:
+    def __init__(self, vlm: BatchingBackbone, probes: Sequence[Probe], first_layer: int) -> None:
         layers = vlm.language_layers()
         final = vlm.final_modules()
         if final is None:

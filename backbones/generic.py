@@ -21,11 +21,12 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-from backbones.base import VLM, ProbeBatch
+from backbones.base import VLM
+from backbones.batching import ProbeBatch
 from backbones.generic_tiny import TINY_FAMILIES, build_tiny_image_text_to_text
 from backbones.loading import resolve_dtype
 from backbones.tiny import TinySpec
-from datamodules.case import Probe
+from core.case import Probe
 
 _MARKER = "\u2063CONTENT\u2063"
 # Keys the processor returns for the text it was given; the adapter tokenises prompts itself.

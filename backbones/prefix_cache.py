@@ -32,9 +32,14 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from backbones.base import VLM, ProbeBatch
-from datamodules.case import Probe
-from metrics.functional import IGNORE_INDEX, TeacherForced, teacher_forced_outputs
+from backbones.batching import (
+    IGNORE_INDEX,
+    BatchingBackbone,
+    ProbeBatch,
+    TeacherForced,
+    teacher_forced_outputs,
+)
+from core.case import Probe
 
 # Batch keys that hold one row per probe; every other key of a batch holds one entry per image.
 _TEXT_KEYS = ("input_ids", "attention_mask")
@@ -110,7 +115,11 @@ def _runs(ids: Sequence[int], token_id: int) -> list[int]:
 
 
 def _context_end(
-    vlm: VLM, probe: Probe, row: _Row, image_token_id: int, memo: dict[Hashable, list[int] | None]
+    vlm: BatchingBackbone,
+    probe: Probe,
+    row: _Row,
+    image_token_id: int,
+    memo: dict[Hashable, list[int] | None],
 ) -> int | None:
     """Token index where the probe's in-context items end, if the row has a token boundary there.
 
@@ -141,7 +150,7 @@ def _run_length(row: _Row, j: int, image_token_id: int) -> int:
 
 
 def _encode_context(
-    vlm: VLM, probe: Probe, run_lengths: tuple[int, ...], image_token_id: int
+    vlm: BatchingBackbone, probe: Probe, run_lengths: tuple[int, ...], image_token_id: int
 ) -> list[int] | None:
     text, _ = vlm.render_prompt(Probe(prompt="", answer="", context=probe.context))
     tail = vlm.prompt_format.format(content=_MARK).split(_MARK)[-1]
@@ -159,7 +168,7 @@ def _encode_context(
 
 
 def _rows(
-    vlm: VLM, probes: Sequence[Probe], counts: list[int], batch: ProbeBatch, digests: list[bytes]
+    vlm: BatchingBackbone, probes: Sequence[Probe], counts: list[int], batch: ProbeBatch, digests: list[bytes]
 ) -> list[_Row]:
     """The probes' rows with their candidate prefix ends, each keyed by the tokens and pictures before it.
 
@@ -299,7 +308,7 @@ class ChunkPlan:
         return [i for i, node in enumerate(self.prefixes) if node is None]
 
 
-def plan_chunk(vlm: VLM, probes: Sequence[Probe]) -> ChunkPlan:
+def plan_chunk(vlm: BatchingBackbone, probes: Sequence[Probe]) -> ChunkPlan:
     """Tokenise `probes` as one batch and choose the prefixes to share (none where not known to be exact)."""
     batch = vlm.build_batch(probes)
     per_probe = [vlm.render_prompt(p)[1] for p in probes]
@@ -331,7 +340,7 @@ class _SplitLogits:
     suffix_logits: torch.Tensor  # (probes, width, V), right-padded
 
 
-def _forward_split(vlm: VLM, plan: ChunkPlan, prefix_logits: bool) -> _SplitLogits:
+def _forward_split(vlm: BatchingBackbone, plan: ChunkPlan, prefix_logits: bool) -> _SplitLogits:
     batch, rows = plan.batch, plan.rows
     which = plan.shared()
     device = batch.labels.device
@@ -392,7 +401,9 @@ def _images(rows: list[_Row], which: list[int], cut: dict[int, int], before: boo
     ]
 
 
-def shared_teacher_forced(vlm: VLM, probes: Sequence[Probe], all_topk: int = 0) -> list[TeacherForced]:
+def shared_teacher_forced(
+    vlm: BatchingBackbone, probes: Sequence[Probe], all_topk: int = 0
+) -> list[TeacherForced]:
     """`teacher_forced_outputs` of one chunk of probes, shared prefixes run once.
 
     The outputs equal those of the plain forward over the chunk up to floating-point rounding: each
@@ -429,7 +440,7 @@ def shared_teacher_forced(vlm: VLM, probes: Sequence[Probe], all_topk: int = 0) 
     return results  # type: ignore[return-value]
 
 
-def row_logits(vlm: VLM, probes: Sequence[Probe]) -> list[torch.Tensor]:
+def row_logits(vlm: BatchingBackbone, probes: Sequence[Probe]) -> list[torch.Tensor]:
     """Each probe's (length, V) logits over its row as `shared_teacher_forced` computes them.
 
     For checking that sharing changes nothing beyond rounding; scoring never materialises these.
@@ -455,7 +466,7 @@ def row_logits(vlm: VLM, probes: Sequence[Probe]) -> list[torch.Tensor]:
         return rows  # type: ignore[return-value]
 
 
-def _plain(vlm: VLM, batch: ProbeBatch, all_topk: int) -> list[TeacherForced]:
+def _plain(vlm: BatchingBackbone, batch: ProbeBatch, all_topk: int) -> list[TeacherForced]:
     return teacher_forced_outputs(
         vlm.logits(batch), batch.labels, batch.answer_spans, batch.lengths, all_topk
     )

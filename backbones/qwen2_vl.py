@@ -20,10 +20,11 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from backbones.base import VLM, ProbeBatch
+from backbones.base import VLM
+from backbones.batching import ProbeBatch
 from backbones.loading import resolve_dtype
 from backbones.tiny import TinySpec, byte_tokenizer
-from datamodules.case import Probe
+from core.case import Probe
 
 QWEN_SPECIAL_TOKENS = (
     "<|im_start|>",

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from backbones.prefix_cache import MIN_SAVED_WORK, MIN_SAVING
-from datamodules.case import PROBE_KINDS, EditCase
+from core.case import PROBE_KINDS, EditCase
 from lightning_modules.case_scoring import reference_outputs, score_cases
 from lightning_modules.cli import EditCLI, edit_trainer
 from lightning_modules.edit_eval import EditEval

@@ -22,7 +22,7 @@ from PIL import Image
 
 from backbones import LlavaVLM, TinySpec
 from backbones.prefix_cache import plan_chunk, row_logits
-from datamodules.case import ContextItem, Probe
+from core.case import ContextItem, Probe
 
 
 def picture(i: int) -> Image.Image:

@@ -16,7 +16,7 @@ import time
 from torch.utils.data import Dataset
 
 from backbones import LlavaVLM, TinySpec
-from datamodules.case import EditCase
+from core.case import EditCase
 from datamodules.dataset import with_id_prefix
 from lightning_modules.cli import EditCLI, edit_trainer
 from lightning_modules.edit_eval import EditEval

@@ -5,14 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-COLUMNS = (
-    ("Rel", "rel"),
-    ("T-Gen", "t_gen"),
-    ("I-Gen", "i_gen"),
-    ("T-Loc", "t_loc"),
-    ("I-Loc", "i_loc"),
-    ("Port", "port"),
-)
+from core.case import PROBE_KINDS, SCORE_LABELS
+
+COLUMNS = tuple((SCORE_LABELS[kind], kind) for kind in PROBE_KINDS)
 
 
 def _cell(value: float | None) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datamodules.case import PROBE_KINDS, EditCase, Probe
+from core.case import PROBE_KINDS, EditCase, Probe
 from datamodules.formats import (
     DEFAULT_LOC_IMAGE_TEMPLATES,
     DEFAULT_PROMPT_TEMPLATES,

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.case import EditCase
+from core.case import EditCase
 from datamodules.dataset import EditDataset, load_edit_dataset, with_id_prefix
 from datamodules.images import DEFAULT_MAX_IMAGE_PIXELS
 from datamodules.sampler import ShardedBatchSampler

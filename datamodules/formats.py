@@ -69,7 +69,7 @@ class ProbePlan:
 
 @dataclass
 class CasePlan:
-    """An `EditCase` before decoding (see `datamodules.case.EditCase`)."""
+    """An `EditCase` before decoding (see `core.case.EditCase`)."""
 
     case_id: str
     record_index: int

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.case import ContextItem, Probe
+from core.case import ContextItem, Probe
 from world.backbones import load_world
 from world.generate import Entity, World
 from world.probes import (

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from backbones.base import VLM
-from datamodules.case import EditCase, Probe
+from core.case import EditCase, Probe
 
 
 class EditHandle:

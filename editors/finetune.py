@@ -5,14 +5,10 @@ One class serves both baselines; they differ only in which parameter groups they
 budget is a fixed number of optimiser steps per case, recorded with the result, because FT's scores
 swing with the learning rate and the stopping rule.
 
-When every trained tensor lies in the language layers from some layer i up (or in the final norm
-and lm_head), as for FT (LLM), everything below layer i is frozen and sees the same input at every
-step: each case then runs it once and replays only the upper layers per step
-(`backbones/frozen_prefix.py`), with the same losses and edited weights bit for bit; frozen parts
-of the replayed layers (the attention of FT (LLM)'s last layer) run once per case too. When the
-trained tensors lie below (FT (Vis): the projector), the frozen vision tower runs once per case
-instead (`backbones/frozen_vision.py`). Either way a case's probes are tokenised and preprocessed
-once.
+The loss at each step comes from `VLM.training_loss(trained).over(case.edits)`: the backbone runs
+what stays frozen once per case where that is exact (the layers below FT (LLM)'s trained MLP, FT
+(Vis)'s vision tower), so the losses and edited weights are those of running the whole model, bit
+for bit, at a fraction of the cost. The editor only chooses what to train.
 """
 
 from __future__ import annotations
@@ -25,9 +21,8 @@ from typing import Literal
 import torch
 
 from backbones.base import VLM
-from backbones.frozen_prefix import PrefixCachedLoss, first_trained_layer
-from backbones.frozen_vision import reuse_frozen_outputs
-from datamodules.case import EditCase
+from backbones.training_loss import TrainingLoss
+from core.case import EditCase
 from editors.base import Editor, ParameterSnapshot, WeightEditHandle
 from editors.tuning import make_optimizer, only_these_trainable
 
@@ -99,8 +94,7 @@ class FineTune(Editor):
 
     def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> WeightEditHandle:
         params = vlm.parameter_group(*self.targets)
-        # Decided once from the trained tensors: the frozen part stays frozen for the whole call.
-        first = first_trained_layer(vlm, params.values()) if self.cache_frozen and self.steps else None
+        training = vlm.training_loss(params.values(), reuse_frozen=self.cache_frozen and self.steps > 0)
         start = time.perf_counter()
         per_case = []
         # Lightning runs test loops under inference mode; an edit needs autograd whatever the caller.
@@ -111,7 +105,7 @@ class FineTune(Editor):
             try:
                 with only_these_trainable(vlm.model, params):
                     for case in cases:
-                        per_case.append(self._edit_one(vlm, case, list(params.values()), first))
+                        per_case.append(self._edit_one(training, case, list(params.values())))
             except BaseException:
                 # No handle reaches the caller when an edit fails (out of memory, a bad case), so
                 # undo here: a half-written edit must never leak into the next case.
@@ -128,29 +122,12 @@ class FineTune(Editor):
         return WeightEditHandle(snapshot, stats=stats)
 
     def _edit_one(
-        self, vlm: VLM, case: EditCase, params: list[torch.nn.Parameter], first: int | None
+        self, training: TrainingLoss, case: EditCase, params: list[torch.nn.Parameter]
     ) -> dict[str, object]:
         optim = make_optimizer(self.optimizer, params, self.lr, self.weight_decay)
         start = time.perf_counter()
-        # Each case caches its own probes, on the model as the earlier cases of a sequence left it.
-        cached = PrefixCachedLoss(vlm, case.edits, first) if first is not None else None
-        if cached is not None:
-            loss_fn: Callable[[], torch.Tensor] = cached
-        else:
-            # Tokenised and preprocessed once: every step sees the same tensors (the same pixel
-            # tensor is also what lets frozen vision modules hand back their features).
-            batch = vlm.build_batch(case.edits)
-            loss_fn = lambda: vlm.batch_loss(batch)  # noqa: E731
-        # Frozen modules that see the same inputs at every step run once per case and hand back
-        # their output afterwards: below the language model (FT (Vis)'s vision tower), or inside
-        # the replayed layers (the last layer's attention and norms when only its MLP trains).
-        if not self.cache_frozen:
-            watch = []
-        elif cached is None:
-            watch = vlm.vision_modules() + vlm.projector_modules()
-        else:
-            watch = list(cached.layers)
-        with reuse_frozen_outputs(watch) as memos:
+        # Each case gets its own closure, on the model as the earlier cases of a sequence left it.
+        with training.over(case.edits) as loss_fn:
             steps_used, initial, final = self._optimise(loss_fn, optim)
         return {
             "case_id": case.case_id,
@@ -159,9 +136,9 @@ class FineTune(Editor):
             "final_loss": final,
             "stopped_early": steps_used < self.steps,
             # The first language layer run per step (None: the whole model ran at every step).
-            "replayed_from_layer": first if cached is not None and cached.cached else None,
+            "replayed_from_layer": loss_fn.replayed_from_layer,
             # Calls of frozen modules answered from their first output.
-            "frozen_outputs_reused": sum(m.hits for m in memos),
+            "frozen_outputs_reused": loss_fn.frozen_outputs_reused,
             "time_s": time.perf_counter() - start,
         }
 

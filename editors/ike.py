@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from backbones.base import VLM
-from datamodules.case import ContextItem, EditCase, Probe
+from core.case import ContextItem, EditCase, Probe
 from editors.base import EditHandle, Editor
 from editors.ike_pool import DemoFormats, Demonstration, build_pool, retrieval_key
 

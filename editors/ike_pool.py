@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from datamodules.case import ContextItem, EditCase, Probe
+from core.case import ContextItem, EditCase, Probe
 
 #: IKE's demonstration kinds, in the order they are shown for one record.
 DEMO_KINDS: tuple[str, ...] = ("copy", "update", "retain")

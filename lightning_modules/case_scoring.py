@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from backbones.base import VLM
-from datamodules.case import LOCALITY_KINDS, EditCase, Probe
+from backbones.batching import TeacherForced
+from core.case import LOCALITY_KINDS, EditCase, Probe
 from editors.base import EditHandle
-from metrics.functional import TeacherForced
 from metrics.protocols import generation_score, probe_score, topk_needed
 
 

@@ -21,13 +21,11 @@ import torch
 from backbones.base import VLM, PromptTooLongError
 from callbacks.case_log import CaseLog, write_summary
 from callbacks.results_table import format_table
-from datamodules.case import EditCase, Probe
+from core.case import PROBE_KINDS, EditCase, Probe
 from datamodules.records import BadRecordError
 from editors.base import EditHandle, Editor
 from lightning_modules.case_scoring import reference_outputs, score_cases
 from metrics.scores import ScoreSet
-
-SCORE_KEYS = ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "port")
 
 
 class EditEval(pl.LightningModule):
@@ -229,9 +227,9 @@ def build_summary(scores: dict[str, float], hparams: Any, records: list, n_cases
         return None if math.isnan(value) else round(value, 4)
 
     hops = {str(h): pct(f"port_hop{h}") for h in range(1, hparams.max_hops + 1)}
-    summary: dict[str, Any] = {key: pct(key) for key in SCORE_KEYS}
+    summary: dict[str, Any] = {key: pct(key) for key in PROBE_KINDS}
     summary["port_per_hop"] = hops
-    summary["generation"] = {key: pct(f"gen_{key}") for key in SCORE_KEYS}
+    summary["generation"] = {key: pct(f"gen_{key}") for key in PROBE_KINDS}
     summary["generation"]["port_per_hop"] = {
         str(h): pct(f"gen_port_hop{h}") for h in range(1, hparams.max_hops + 1)
     }

@@ -5,12 +5,9 @@
 """
 
 from metrics.functional import (
-    IGNORE_INDEX,
-    TeacherForced,
     exact_match,
     first_line,
     normalize_answer,
-    teacher_forced_outputs,
     token_accuracy,
     token_agreement,
 )
@@ -29,7 +26,6 @@ from metrics.scores import (
 )
 
 __all__ = [
-    "IGNORE_INDEX",
     "PROTOCOLS",
     "SCORE_CLASSES",
     "CaseMeanScore",
@@ -39,7 +35,6 @@ __all__ = [
     "Protocol",
     "Reliability",
     "ScoreSet",
-    "TeacherForced",
     "TextGenerality",
     "TextLocality",
     "case_values",
@@ -48,7 +43,6 @@ __all__ = [
     "generation_score",
     "normalize_answer",
     "probe_score",
-    "teacher_forced_outputs",
     "token_accuracy",
     "token_agreement",
     "topk_needed",

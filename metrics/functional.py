@@ -9,80 +9,13 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from backbones.batching import IGNORE_INDEX
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
-
-
-@dataclass
-class TeacherForced:
-    """Teacher-forced outputs of one probe.
-
-    `pred`/`labels`: argmax and gold ids at the answer positions. `all_topk`: top-k ids at every
-    non-padding position of the row (image, prompt and answer), filled only when asked for: the
-    MMEdit-trainer protocol scores locality over all positions.
-    """
-
-    pred: torch.Tensor
-    labels: torch.Tensor
-    all_topk: torch.Tensor | None = None
-
-
-def teacher_forced_outputs(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    answer_spans: Sequence[tuple[int, int]],
-    lengths: Sequence[int],
-    all_topk: int = 0,
-) -> list[TeacherForced]:
-    """Split a right-padded batch's logits into per-probe `TeacherForced` outputs (on the CPU).
-
-    Args:
-        logits: (B, T, V); the logit at position t predicts token t + 1, so answer tokens at
-            positions s..e-1 are predicted by logits s-1..e-2.
-        labels: (B, T) gold ids, `IGNORE_INDEX` outside the answers.
-        answer_spans: (start, end) of each row's answer tokens.
-        lengths: unpadded length of each row; rows are right-padded, so positions 0..length-1 are real.
-        all_topk: when > 0, also return the top-k ids at every non-padding position of each row.
-    """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
-    batch, width, vocab = logits.shape
-    if len(answer_spans) != batch or len(lengths) != batch:
-        raise ValueError(
-            f"batch has {batch} rows but {len(answer_spans)} answer spans and {len(lengths)} lengths"
-        )
-    if not 0 <= all_topk <= vocab:
-        raise ValueError(f"all_topk must be in [0, {vocab}] (the vocabulary size), got {all_topk}")
-    # One reduction and one device-to-host copy per batch rather than per probe: each copy is a sync.
-    pred_all = logits.argmax(-1).cpu()
-    labels_all = labels.cpu()
-    # topk in the logits' own dtype: bf16 -> float is exact, so the ranking is the same without
-    # materialising a float copy of (B, T, V).
-    topk_all = logits.topk(all_topk, dim=-1).indices.cpu() if all_topk else None
-    out: list[TeacherForced] = []
-    for i, ((s, e), n) in enumerate(zip(answer_spans, lengths, strict=True)):
-        if not 0 <= s <= e <= n <= width:
-            raise ValueError(
-                f"row {i}: answer span ({s}, {e}) must lie inside the row's length {n} (width {width})"
-            )
-        if e > s and s < 1:
-            raise ValueError(f"row {i}: an answer starting at position 0 has no logit predicting it")
-        gold = labels_all[i, s:e]
-        if (gold == IGNORE_INDEX).any():
-            raise ValueError(f"row {i}: labels inside the answer span ({s}, {e}) hold IGNORE_INDEX")
-        pred = pred_all[i, s - 1 : e - 1] if e > s else pred_all[i, :0]
-        topk = topk_all[i, :n] if topk_all is not None else None
-        out.append(TeacherForced(pred, gold, topk))
-    return out
 
 
 def token_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:

@@ -18,8 +18,9 @@ from typing import Literal, get_args
 
 import torch
 
-from datamodules.case import ACCURACY_KINDS, LOCALITY_KINDS, PROBE_KINDS
-from metrics.functional import TeacherForced, exact_match, first_line, token_accuracy, token_agreement
+from backbones.batching import TeacherForced
+from core.case import ACCURACY_KINDS, LOCALITY_KINDS, PROBE_KINDS
+from metrics.functional import exact_match, first_line, token_accuracy, token_agreement
 
 Protocol = Literal["strict", "mmedit_trainer"]
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from datamodules.case import PROBE_KINDS
+from core.case import PROBE_KINDS
 
 GENERATION_PREFIX = "gen_"
 _HOP_KEY = re.compile(r"^(?:gen_)?port_hop(\d+)$")

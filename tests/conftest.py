@@ -7,7 +7,7 @@ import os
 import pytest
 from PIL import Image
 
-from datamodules.case import EditCase, Probe
+from core.case import EditCase, Probe
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,7 +20,7 @@ from backbones import (
     Qwen2VLVLM,
     TinySpec,
 )
-from datamodules.case import ContextItem, Probe
+from core.case import ContextItem, Probe
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "backbones"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_case, solid_image
 
-from datamodules.case import EditCase, Probe
+from core.case import EditCase, Probe
 from editors import IKE, EditHandle, FineTune
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]

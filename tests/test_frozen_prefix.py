@@ -17,7 +17,7 @@ import torch
 from conftest import make_case
 from tiny_families import FAMILIES
 
-import editors.finetune
+import backbones.training_loss
 from backbones.frozen_prefix import PrefixCachedLoss, first_trained_layer
 from datamodules.edit_datamodule import EditDataModule
 from editors import FineTune
@@ -105,7 +105,7 @@ def run_ft(vlm, targets, cache, monkeypatch):
 
     cases = [make_case(0), make_case(1)]
     with monkeypatch.context() as patch:
-        patch.setattr(editors.finetune, "PrefixCachedLoss", Recording)
+        patch.setattr(backbones.training_loss, "PrefixCachedLoss", Recording)
         patch.setattr(vlm, "batch_loss", recording_loss)
         editor = FineTune(targets, lr=5e-2, steps=3, cache_frozen=cache)
         handle = editor.apply(vlm, cases)

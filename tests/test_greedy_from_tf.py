@@ -10,7 +10,7 @@ from transformers import GenerationConfig
 
 from backbones import VLM
 from backbones.greedy_from_tf import eos_token_ids, greedy_altering_settings, greedy_tokens
-from datamodules.case import ContextItem, Probe
+from core.case import ContextItem, Probe
 
 
 def t(*ids: int) -> torch.Tensor:

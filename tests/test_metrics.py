@@ -11,19 +11,17 @@ import math
 import pytest
 import torch
 
+from backbones.batching import IGNORE_INDEX, TeacherForced, teacher_forced_outputs
 from metrics import (
-    IGNORE_INDEX,
     CaseMeanScore,
     Portability,
     Reliability,
     ScoreSet,
-    TeacherForced,
     case_values,
     exact_match,
     generation_score,
     normalize_answer,
     probe_score,
-    teacher_forced_outputs,
     token_accuracy,
     token_agreement,
     topk_needed,

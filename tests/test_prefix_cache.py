@@ -12,7 +12,7 @@ from tiny_families import FAMILIES
 
 from backbones import VLM, ImageTextToTextVLM, LlavaVLM, TinySpec, prefix_cache
 from backbones.prefix_cache import image_digest, plan_chunk, row_logits
-from datamodules.case import ContextItem, Probe
+from core.case import ContextItem, Probe
 from editors import IKE
 from lightning_modules.case_scoring import reference_outputs, score_cases
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 import edit
 from backbones import LlavaVLM, TinySpec
 from backbones.base import VLM
-from datamodules.case import EditCase
+from core.case import EditCase
 from datamodules.records import BadRecordError
 from editors.base import Editor, ParameterSnapshot, WeightEditHandle
 from editors.checkpoint import META_KEY, EditorCheckpointError, load_editor_checkpoint, save_editor_checkpoint

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from backbones import Blip2OptVLM, LlavaVLM
 from backbones.base import VLM
-from datamodules.case import ContextItem, Probe
+from core.case import ContextItem, Probe
 from datamodules.dataset import load_edit_dataset
 from datamodules.world_train import FACT_FORMAT, QUERY_FORMAT
 from metrics.functional import exact_match, token_accuracy

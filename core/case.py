@@ -12,8 +12,18 @@ from typing import Any
 
 from PIL import Image
 
-#: The probe kinds, in the order results are reported.
+#: The probe kinds, in the order results are reported. Each kind is also the key of its score
+#: (`summary.json`, `test/<kind>`, the metric names), so this is the one list of score keys.
 PROBE_KINDS: tuple[str, ...] = ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "port")
+#: How each score is written in tables and plots.
+SCORE_LABELS: dict[str, str] = {
+    "rel": "Rel",
+    "t_gen": "T-Gen",
+    "i_gen": "I-Gen",
+    "t_loc": "T-Loc",
+    "i_loc": "I-Loc",
+    "port": "Port",
+}
 #: Kinds scored against the edit target (token accuracy vs. the gold answer).
 ACCURACY_KINDS: tuple[str, ...] = ("rel", "t_gen", "i_gen", "port")
 #: Kinds scored against the unedited model's own answers (agreement).
