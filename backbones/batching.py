@@ -107,6 +107,20 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+class ProbeAnswerer(Protocol):
+    """Whatever answers probes: the backbone itself, or an edited system that routes some probes elsewhere.
+
+    `teacher_forced` returns each probe's predictions at its answer positions (and, with `all_topk`,
+    the top-k ids at every position); `generate` its greedy answer, read off `teacher_forced` outputs
+    of the same probes where they decide it. `backbones.base.VLM` is the default answerer.
+    """
+
+    def teacher_forced(self, probes: Sequence[Probe], all_topk: int = 0) -> list[TeacherForced]: ...
+    def generate(
+        self, probes: Sequence[Probe], teacher_forced: Sequence[TeacherForced] | None = None
+    ) -> list[str]: ...
+
+
 class BatchingBackbone(Protocol):
     """What the speed-up modules (`prefix_cache`, `frozen_prefix`) use of a backbone.
 

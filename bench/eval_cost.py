@@ -88,11 +88,10 @@ def floor_seconds(module: EditEval, cases: list[EditCase]) -> float:
 
 def loop_seconds(module: EditEval, data, accelerator: str = "cpu") -> tuple[float, float, dict[str, float]]:
     trainer = edit_trainer(accelerator=accelerator)
-    module.hparams.results_dir = None
     start = time.perf_counter()
     trainer.test(module, datamodule=data, verbose=False)
     total = time.perf_counter() - start
-    return total, module._edit_seconds, module.scores.compute()
+    return total, module.counters.edit_seconds, module.scores.compute()
 
 
 def naive_seconds(module: EditEval, cases: list[EditCase]) -> tuple[float, float, dict[str, float]]:

@@ -1,10 +1,17 @@
 """The `Editor` interface: `apply(vlm, cases) -> EditHandle`, and `handle.restore()` bit for bit.
 
 An editor may change weights, wrap modules, keep a memory or only change the context a probe is
-asked in. The handle is how the evaluation loop sees the edited model: `prepare(probes)` returns the
-probes as the edited system should be asked them (in-context methods add their context there), and
-`restore()` puts every tensor back exactly, so the next case starts from the original model.
-Editors are plain torch: no Lightning here.
+asked in. The handle is how the evaluation loop sees the edited system:
+
+- `prepare(probes)` returns the probes as the edited system should be asked them (in-context
+  methods add their context there);
+- `answerer(vlm)` is what answers them, teacher-forced and greedy: the backbone itself by default,
+  or an object that sends some probes elsewhere (SERAC's counterfactual model for in-scope probes,
+  `editors/routing.py`);
+- `restore()` puts every tensor back exactly, so the next case starts from the original model.
+
+`Editor.side_by_side` says whether several one-step edits may be live at once, so that the loop
+scores their cases in shared forward passes. Editors are plain torch: no Lightning here.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch
 from torch import nn
 
 from backbones.base import VLM
+from backbones.batching import ProbeAnswerer
 from core.case import EditCase, Probe
 
 
@@ -31,6 +39,10 @@ class EditHandle:
 
     def prepare(self, probes: Sequence[Probe]) -> list[Probe]:
         return list(probes)
+
+    def answerer(self, vlm: VLM) -> ProbeAnswerer:
+        """What answers this edit's (prepared) probes; probes of handles with the same answerer share passes."""
+        return vlm
 
     def restore(self) -> None:
         return None
@@ -82,9 +94,12 @@ class Editor(abc.ABC):
 
     #: A short name recorded in results.
     name: str = "editor"
-    #: Whether `apply` changes the model's tensors. Editors that don't (in-context, memory-only)
-    #: let the loop score several one-step cases in shared forward passes.
-    changes_weights: bool = True
+    #: Whether several one-step edits of this editor may be live at the same time without seeing
+    #: each other: true when an edit lives only in its handle (a context, a memory, a router), false
+    #: when it changes what the model computes for every probe (weights, hooks, added neurons). When
+    #: true, the loop applies a batch's one-step edits together and scores all their probes in
+    #: shared forward passes (grouped by `EditHandle.answerer`).
+    side_by_side: bool = False
 
     @abc.abstractmethod
     def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> EditHandle:

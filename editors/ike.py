@@ -47,7 +47,7 @@ class IKE(Editor):
     Build from in-memory cases instead of a file with `IKE.from_cases(cases, k=...)`.
     """
 
-    changes_weights = False
+    side_by_side = True
 
     def __init__(
         self,

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from backbones.base import VLM
-from backbones.batching import TeacherForced
+from backbones.batching import ProbeAnswerer, TeacherForced
 from core.case import LOCALITY_KINDS, EditCase, Probe
 from editors.base import EditHandle
 from metrics.protocols import generation_score, probe_score, topk_needed
+from metrics.scores import GENERATION_PREFIX, case_values
 
 
 @dataclass
@@ -28,12 +29,14 @@ class ProbeOutputs:
     generated: str | None
 
 
-def _run(vlm: VLM, probes: Sequence[Probe], protocol: str, generation: bool) -> list[ProbeOutputs]:
+def _run(
+    answerer: ProbeAnswerer, probes: Sequence[Probe], protocol: str, generation: bool
+) -> list[ProbeOutputs]:
     if not probes:
         return []
     k = max(topk_needed(protocol, p.kind) for p in probes)
-    tf = vlm.teacher_forced(probes, all_topk=k)
-    gen = vlm.generate(probes, teacher_forced=tf) if generation else [None] * len(probes)
+    tf = answerer.teacher_forced(probes, all_topk=k)
+    gen = answerer.generate(probes, teacher_forced=tf) if generation else [None] * len(probes)
     return [ProbeOutputs(t, g) for t, g in zip(tf, gen, strict=True)]
 
 
@@ -61,41 +64,57 @@ def _aligned(post: TeacherForced, pre: TeacherForced) -> tuple[TeacherForced, Te
     )
 
 
+def _answer_all(
+    vlm: VLM, edited: Sequence[tuple[EditCase, EditHandle]], protocol: str, generation: bool
+) -> list[list[ProbeOutputs]]:
+    """Every case's probes, answered by its handle's answerer; one batched call per distinct answerer."""
+    prepared = [handle.prepare(case.all_probes()) for case, handle in edited]
+    groups: dict[int, tuple[ProbeAnswerer, list[int]]] = {}
+    for i, (_, handle) in enumerate(edited):
+        answerer = handle.answerer(vlm)
+        groups.setdefault(id(answerer), (answerer, []))[1].append(i)
+    answers: list[list[ProbeOutputs]] = [[] for _ in edited]
+    for answerer, members in groups.values():
+        outputs = iter(_run(answerer, [p for i in members for p in prepared[i]], protocol, generation))
+        for i in members:
+            answers[i] = [next(outputs) for _ in prepared[i]]
+    return answers
+
+
 def score_cases(
     vlm: VLM,
     edited: Sequence[tuple[EditCase, EditHandle]],
     reference: dict[str, list[ProbeOutputs]],
     protocol: str,
     generation: bool,
-    tokenizer_decode: Any,
 ) -> list[dict[str, Any]]:
-    """Score every probe of the edited cases in one batched pass; one record per case (values in [0, 1]).
+    """Score every probe of the edited cases in as few batched passes as their answerers allow.
 
     Each case comes with the handle that edited it: several cases may share one handle (sequential
-    editing) or each have their own (one-step editing with an editor that leaves the weights alone,
-    whose cases can then share forward passes).
+    editing) or each have their own (one-step edits of a `side_by_side` editor). Returns one record
+    per case; its `scores` (values in [0, 1]) come from `metrics.scores.case_values`, the one
+    per-case aggregation.
     """
-    probes = [p for case, handle in edited for p in handle.prepare(case.all_probes())]
-    outputs = iter(_run(vlm, probes, protocol, generation))
+    answers = _answer_all(vlm, edited, protocol, generation)
+    decode = vlm.tokenizer.decode
     records = []
-    for case, _ in edited:
+    for (case, _), outputs in zip(edited, answers, strict=True):
         pre_iter = iter(reference[case.case_id])
-        values: dict[str, list[float]] = defaultdict(list)
+        tf_values: dict[str, list[float]] = defaultdict(list)
+        gen_values: dict[str, list[float]] = defaultdict(list)
+        port_hops: list[int | None] = []
         predictions: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for probe in case.all_probes():
-            out = next(outputs)
+        for probe, out in zip(case.all_probes(), outputs, strict=True):
             pre = next(pre_iter) if probe.kind in LOCALITY_KINDS else None
             tf, pre_tf = _aligned(out.tf, pre.tf) if pre else (out.tf, None)
-            keys = [probe.kind]
-            if probe.kind == "port" and probe.hop is not None:
-                keys.append(f"port_hop{probe.hop}")
+            if probe.kind == "port":
+                port_hops.append(probe.hop)
             score = probe_score(probe.kind, tf, pre_tf, protocol)
-            for key in keys:
-                values[key].append(score)
+            tf_values[probe.kind].append(score)
             entry: dict[str, Any] = {
                 "prompt": probe.prompt,
                 "answer": probe.answer,
-                "tf_prediction": tokenizer_decode(out.tf.pred.tolist()),
+                "tf_prediction": decode(out.tf.pred.tolist()),
                 "score": score,
             }
             if probe.hop is not None:
@@ -104,20 +123,22 @@ def score_cases(
                 gen_score = generation_score(
                     probe.kind, out.generated, probe.answer, pre.generated if pre else None
                 )
-                for key in keys:
-                    values[f"gen_{key}"].append(gen_score)
+                gen_values[probe.kind].append(gen_score)
                 entry["generated"] = out.generated
                 entry["gen_score"] = gen_score
                 if pre is not None:
                     entry["pre_edit_generated"] = pre.generated
             predictions[probe.kind].append(entry)
+        scores = case_values(tf_values, port_hops)
+        if generation:
+            scores.update(case_values(gen_values, port_hops, GENERATION_PREFIX))
         records.append(
             {
                 "case_id": case.case_id,
                 "index": case.index,
                 "source": case.source,
                 "edit": {"prompt": case.edit.prompt, "target": case.edit.answer},
-                "scores": {k: sum(v) / len(v) for k, v in sorted(values.items())},
+                "scores": dict(sorted(scores.items())),
                 "predictions": dict(predictions),
             }
         )

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
 from backbones.base import PromptTooLongError
 from callbacks.case_log import ResultsDirError, check_results_dir
+from callbacks.results_table import ResultsTable
+from callbacks.results_writer import ResultsWriter
 from datamodules.edit_datamodule import EditDataModule
 from datamodules.images import ImageLoadError
 from datamodules.records import BadRecordError
@@ -46,10 +49,19 @@ EDIT_TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def edit_trainer(**overrides: Any) -> pl.Trainer:
+def result_callbacks(results_dir: str | None) -> list[Callback]:
+    """What an edit run writes and prints: cases.jsonl and summary.json (with a folder), then the table."""
+    writer: list[Callback] = [ResultsWriter(results_dir)] if results_dir else []
+    return [*writer, ResultsTable()]
+
+
+def edit_trainer(results_dir: str | None = None, **overrides: Any) -> pl.Trainer:
     """A Trainer set up as `edit.py test` sets it up (for benchmarks, notebooks and tests)."""
     quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
-    return pl.Trainer(**{"accelerator": "cpu", **EDIT_TRAINER_DEFAULTS, **quiet, **overrides})
+    callbacks = [*overrides.pop("callbacks", []), *result_callbacks(results_dir)]
+    return pl.Trainer(
+        **{"accelerator": "cpu", **EDIT_TRAINER_DEFAULTS, **quiet, **overrides, "callbacks": callbacks}
+    )
 
 
 class EditCLI(LightningCLI):
@@ -76,15 +88,25 @@ class EditCLI(LightningCLI):
             default=None,
             help="Folder for cases.jsonl (per case, written as it goes) and summary.json; reruns resume.",
         )
-        parser.link_arguments("results_dir", "model.results_dir")
+        # The loop's own setting, given once: a case that turns out bad while scoring is handled as
+        # the data module handles a bad record.
+        parser.link_arguments("data.on_bad_record", "model.on_bad_record")
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        # The result callbacks come after any the config names, so they see the finished run.
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        named = list(config["trainer"].get("callbacks") or [])
+        return super().instantiate_trainer(
+            **kwargs, callbacks=[*named, *result_callbacks(config.get("results_dir"))]
+        )
 
     def before_test(self) -> None:
         # The full, resolved configuration goes into summary.json: every number is reproducible from it.
         config = self.config[self.subcommand] if self.subcommand else self.config
         self.model.run_config = config.clone().as_dict()
         # Fail on an unusable results folder now, before the data is read and any case is computed.
-        if self.model.hparams.results_dir:
-            check_results_dir(self.model.hparams.results_dir)
+        if config.get("results_dir"):
+            check_results_dir(config.results_dir)
 
 
 @contextlib.contextmanager

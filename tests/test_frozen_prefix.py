@@ -184,8 +184,8 @@ def test_scores_through_the_loop_are_identical(tiny_llava, mode, tmp_path):
     for cache in (True, False):
         data = EditDataModule(str(SAMPLE / data_file), str(SAMPLE / "images"), limit=3, batch_size=3)
         editor = FineTune(["ffn:-1"], lr=1e-2, steps=2, cache_frozen=cache, name="ft_llm")
-        module = EditEval(tiny_llava, editor, mode=mode, results_dir=str(tmp_path / str(cache)))
-        edit_trainer().test(module, datamodule=data, verbose=False)
+        module = EditEval(tiny_llava, editor, mode=mode)
+        edit_trainer(results_dir=str(tmp_path / str(cache))).test(module, datamodule=data, verbose=False)
         summaries.append(module.scores.compute())
     cached, plain = summaries
     assert cached.keys() == plain.keys()

@@ -45,8 +45,8 @@ def test_method_runs_on_family(family, method, mode, tmp_path):
         data = EditDataModule(str(SAMPLE / "mmedit" / "vqa_eval.json"), IMAGES, limit=3, batch_size=3)
     else:
         data = EditDataModule(str(SAMPLE / "vlkeb" / "eval_multihop.json"), IMAGES, limit=3, batch_size=3)
-    module = EditEval(vlm, make_editor(method), mode=mode, results_dir=str(tmp_path))
-    trainer = edit_trainer()
+    module = EditEval(vlm, make_editor(method), mode=mode)
+    trainer = edit_trainer(results_dir=str(tmp_path))
     trainer.test(module, datamodule=data, verbose=False)
     scores = module.scores.compute()
     for key in ("rel", "t_gen", "i_gen", "t_loc", "i_loc"):

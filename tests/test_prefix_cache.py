@@ -185,9 +185,7 @@ def test_ike_scores_are_the_same_with_and_without_sharing(tiny_llava) -> None:
         tiny_llava.share_prefixes = share
         reference = reference_outputs(tiny_llava, cases, "mmedit_trainer", False)
         edited = list(zip(cases, handles, strict=True))
-        return score_cases(
-            tiny_llava, edited, reference, "mmedit_trainer", False, tiny_llava.tokenizer.decode
-        )
+        return score_cases(tiny_llava, edited, reference, "mmedit_trainer", False)
 
     try:
         assert records(True) == records(False)

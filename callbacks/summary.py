@@ -1,0 +1,60 @@
+"""`summary.json`'s content: the six scores, per-hop portability, generation twins, counts and provenance.
+
+Built from the module that ran the test (its `run`, `hparams`, backbone, editor and resolved config)
+and the data module (case order, records skipped while loading); the results writer saves it and the
+results table prints it, so both show the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+
+from core.case import PROBE_KINDS
+
+
+def score_fields(scores: dict[str, float], max_hops: int) -> dict[str, Any]:
+    """The score keys of a summary (percent, rounded; None where no case had the probe kind)."""
+
+    def pct(key: str) -> float | None:
+        value = scores.get(key, float("nan"))
+        return None if math.isnan(value) else round(value, 4)
+
+    hops = range(1, max_hops + 1)
+    out: dict[str, Any] = {key: pct(key) for key in PROBE_KINDS}
+    out["port_per_hop"] = {str(h): pct(f"port_hop{h}") for h in hops}
+    out["generation"] = {key: pct(f"gen_{key}") for key in PROBE_KINDS}
+    out["generation"]["port_per_hop"] = {str(h): pct(f"gen_port_hop{h}") for h in hops}
+    return out
+
+
+def build_summary(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, Any]:
+    """The summary of the run `module.run` holds (its records already gathered from every rank)."""
+    run = module.run
+    datamodule = trainer.datamodule
+    order = datamodule.case_ids() if datamodule is not None else [r["case_id"] for r in run.records]
+    run_skipped = [r["skipped"] for r in run.records if "skipped" in r]
+    loaded_skipped = list(datamodule.skipped) if datamodule is not None else []
+    hparams = module.hparams
+    summary = score_fields(run.scores, hparams.max_hops)
+    summary.update(
+        {
+            "protocol": hparams.protocol,
+            "mode": hparams.mode,
+            "n_cases": len(order) - len(run_skipped),
+            "n_skipped": len(loaded_skipped) + len(run_skipped),
+            "skipped": loaded_skipped + run_skipped,
+            "data": datamodule.describe() if datamodule is not None else {},
+            "backbone": module.backbone.describe(),
+            "editor": module.editor.describe(),
+            "edit_seconds_per_case_rank0": run.edit_seconds_per_case,
+            "n_resumed_rank0": run.n_resumed,
+            # How the greedy answers (pre-edit locality references included) were obtained.
+            "generated_rows_rank0": dict(module.backbone.generation_counts),
+            "world_size": trainer.world_size,
+            "config": module.run_config,
+        }
+    )
+    return summary
