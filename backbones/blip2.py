@@ -9,6 +9,7 @@ tokens, so each image takes `num_query_tokens` image tokens and may sit anywhere
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -63,12 +64,8 @@ class Blip2FamilyVLM(VLM):
         dtype: float32, bfloat16 or float16.
         trust_remote_code: passed to `from_pretrained`; off unless a config turns it on.
         prompt_format, image_text, answer_prefix: the family's defaults when left as None.
-        max_batch_size: probes per forward pass.
-        max_new_tokens: extra tokens allowed beyond each answer's own length when generating (0: the greedy continuation is exactly as long as the answer, so exact match asks whether the model says the answer, not whether it stops).
-        share_prefixes: run prompt prefixes shared by several probes of a chunk once (KV cache) in
-            teacher-forced scoring; see `VLM`.
-        reuse_teacher_forced: read greedy answers off the teacher-forced pass where it decides them
-            and decode only the other rows; see `VLM`.
+        **scoring: the scoring options every backbone shares (`max_batch_size`, `max_new_tokens`,
+            `share_prefixes`, `reuse_teacher_forced`), declared and documented once on `VLM`.
     """
 
     image_token = "<image>"
@@ -88,19 +85,13 @@ class Blip2FamilyVLM(VLM):
         prompt_format: str | None = None,
         image_text: str | None = None,
         answer_prefix: str | None = None,
-        max_batch_size: int = 64,
-        max_new_tokens: int = 0,
-        share_prefixes: bool = True,
-        reuse_teacher_forced: bool = True,
+        **scoring: Any,
     ) -> None:
         super().__init__(
             self.default_prompt_format if prompt_format is None else prompt_format,
             self.default_image_text if image_text is None else image_text,
             self.default_answer_prefix if answer_prefix is None else answer_prefix,
-            max_batch_size,
-            max_new_tokens,
-            share_prefixes,
-            reuse_teacher_forced,
+            **scoring,
         )
         name = type(self).__name__
         if (pretrained is None) == (tiny is None):

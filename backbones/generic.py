@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -71,12 +72,8 @@ class ImageTextToTextVLM(VLM):
         image_text: None derives it from how the chat template writes an image.
         answer_prefix: None picks " " when the prompt ends on a word ("ASSISTANT:") and "" when it ends
             on whitespace (a chat turn ending in a newline starts the answer without a space).
-        max_batch_size: probes per forward pass.
-        max_new_tokens: extra tokens allowed beyond each answer's own length when generating (0: the greedy continuation is exactly as long as the answer, so exact match asks whether the model says the answer, not whether it stops).
-        share_prefixes: run prompt prefixes shared by several probes of a chunk once (KV cache) in
-            teacher-forced scoring, for the model classes in `PREFIX_CACHE_MODELS`; see `VLM`.
-        reuse_teacher_forced: read greedy answers off the teacher-forced pass where it decides them
-            and decode only the other rows; see `VLM`.
+        **scoring: the scoring options every backbone shares (`max_batch_size`, `max_new_tokens`,
+            `share_prefixes`, `reuse_teacher_forced`), declared and documented once on `VLM`.
     """
 
     def __init__(
@@ -89,10 +86,7 @@ class ImageTextToTextVLM(VLM):
         prompt_format: str | None = None,
         image_text: str | None = None,
         answer_prefix: str | None = None,
-        max_batch_size: int = 64,
-        max_new_tokens: int = 0,
-        share_prefixes: bool = True,
-        reuse_teacher_forced: bool = True,
+        **scoring: Any,
     ) -> None:
         if (pretrained is None) == (tiny is None):
             raise ValueError(
@@ -125,10 +119,7 @@ class ImageTextToTextVLM(VLM):
             prompt_format,
             derived_image if image_text is None else image_text,
             answer_prefix,
-            max_batch_size,
-            max_new_tokens,
-            share_prefixes,
-            reuse_teacher_forced,
+            **scoring,
         )
         self.model = model
         self.processor = processor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -32,10 +33,8 @@ class LlavaVLM(VLM):
             the weights randomly, on the GPU when there is one (memory and speed planning for a
             model whose weights are not at hand).
         prompt_format: LLaVA-1.5's conversation format by default.
-        share_prefixes: run prompt prefixes shared by several probes of a chunk once (KV cache) in
-            teacher-forced scoring; see `VLM`.
-        reuse_teacher_forced: read greedy answers off the teacher-forced pass where it decides them
-            and decode only the other rows; see `VLM`.
+        **scoring: the scoring options every backbone shares (`max_batch_size`, `max_new_tokens`,
+            `share_prefixes`, `reuse_teacher_forced`), declared and documented once on `VLM`.
     """
 
     image_token = "<image>"
@@ -51,19 +50,13 @@ class LlavaVLM(VLM):
         prompt_format: str = "USER: {content} ASSISTANT:",
         image_text: str = "<image>\n",
         answer_prefix: str = " ",
-        max_batch_size: int = 64,
-        max_new_tokens: int = 0,
-        share_prefixes: bool = True,
-        reuse_teacher_forced: bool = True,
+        **scoring: Any,
     ) -> None:
         super().__init__(
             prompt_format,
             image_text,
             answer_prefix,
-            max_batch_size,
-            max_new_tokens,
-            share_prefixes,
-            reuse_teacher_forced,
+            **scoring,
         )
         if (pretrained is None) == (tiny is None):
             raise ValueError(

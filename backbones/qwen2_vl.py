@@ -9,6 +9,7 @@ images can sit anywhere in the prompt.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -49,11 +50,11 @@ class Qwen2VLVLM(VLM):
         answer_prefix: empty: the answer opens the assistant turn right after its newline, where the
             chat model's first answer token carries no leading space.
         min_pixels, max_pixels: the image processor's resolution bounds (None keeps the checkpoint's).
-        share_prefixes: accepted for uniform configs; Qwen2-VL does not share prefixes: its
+        **scoring: the scoring options every backbone shares (`max_batch_size`, `max_new_tokens`,
+            `share_prefixes`, `reuse_teacher_forced`), declared and documented once on `VLM`.
+            Qwen2-VL accepts `share_prefixes` for uniform configs but does not share prefixes: its
             multimodal rotary positions are computed from the whole row's image grids, and the
             split into a cached prefix and a suffix pass has not been checked against them.
-        reuse_teacher_forced: read greedy answers off the teacher-forced pass where it decides them
-            and decode only the other rows; see `VLM`.
     """
 
     image_token = "<|image_pad|>"
@@ -69,19 +70,13 @@ class Qwen2VLVLM(VLM):
         answer_prefix: str = "",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
-        max_batch_size: int = 64,
-        max_new_tokens: int = 0,
-        share_prefixes: bool = True,
-        reuse_teacher_forced: bool = True,
+        **scoring: Any,
     ) -> None:
         super().__init__(
             prompt_format,
             image_text,
             answer_prefix,
-            max_batch_size,
-            max_new_tokens,
-            share_prefixes,
-            reuse_teacher_forced,
+            **scoring,
         )
         if (pretrained is None) == (tiny is None):
             raise ValueError(

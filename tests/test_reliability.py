@@ -417,7 +417,7 @@ def test_unwritable_results_folder_fails_before_any_case(tmp_path, monkeypatch, 
     def no_case(*args, **kwargs):
         raise AssertionError("a case was computed before the results folder was checked")
 
-    monkeypatch.setattr("lightning_modules.edit_eval.reference_outputs", no_case)
+    monkeypatch.setattr("lightning_modules.edit_loop.reference_outputs", no_case)
     monkeypatch.setattr("datamodules.edit_datamodule.load_edit_dataset", no_case)
     with pytest.raises(SystemExit) as exit_info:
         edit.main(["test", "--config", str(FT_CONFIG), *QUIET, "--results_dir", str(results)])
