@@ -1,9 +1,11 @@
-"""Reshaping the code must not change a result: the sample-data runs equal their committed fixture.
+"""Reshaping the code must not change a result: sample-data runs and the world demo equal their fixtures.
 
-The fixture (`tests/fixtures/summaries.json`) was written by `python -m tests.summary_fixture --write`
-before the trained-editor architecture landed; it holds every summary's result fields and every case
-line (scores, teacher-forced and generated predictions) of nine runs: three methods, sequential,
-cross-task, the MMEdit-trainer protocol, VLKEB multi-hop and a BLIP-2 backbone.
+Both fixtures were written by the code before the trained-editor architecture landed:
+`tests/fixtures/summaries.json` (by `python -m tests.summary_fixture --write`) holds every summary's
+result fields and every case line (scores, teacher-forced and generated predictions) of nine runs:
+three methods, sequential, cross-task, the MMEdit-trainer protocol, VLKEB multi-hop and a BLIP-2
+backbone. `tests/fixtures/world_demo.json` holds `python demo.py`'s three summaries and the SHA-256
+of each `cases.jsonl`.
 """
 
 from __future__ import annotations
@@ -25,3 +27,21 @@ def test_results_equal_the_fixture(tmp_path, monkeypatch, name):
     assert len(found["cases"]) == len(expected["cases"])
     for got, want in zip(found["cases"], expected["cases"], strict=True):
         assert got == want, f"case {want['case_id']} of run {name} changed"
+
+
+def test_world_demo_equals_its_fixture(tmp_path, monkeypatch):
+    """`python demo.py` on the world backbone: every method's summary and its cases.jsonl, byte for byte."""
+    import hashlib
+
+    import demo
+
+    monkeypatch.chdir(ROOT)
+    expected = json.loads((FIXTURE.parent / "world_demo.json").read_text(encoding="utf-8"))
+    demo.main(["--out", str(tmp_path), "--fresh"])
+    for method, want in expected.items():
+        folder = tmp_path / "llava" / method
+        summary = json.loads((folder / "summary.json").read_text())
+        assert {k: summary.get(k) for k in want["summary"]} == want["summary"], method
+        assert hashlib.sha256((folder / "cases.jsonl").read_bytes()).hexdigest() == want["cases_sha256"], (
+            method
+        )
