@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
@@ -188,6 +189,22 @@ class VLM(nn.Module, abc.ABC):
             "vocab_size": int(embeddings.weight.shape[0]),
             "parameters": {name: list(p.shape) for name, p in self.parameter_group(*groups).items()},
         }
+
+    @torch.no_grad()
+    def weights_digest(self, samples: int = 4096) -> str:
+        """A cheap fingerprint of the weights' values: SHA-256 over a strided sample of every tensor.
+
+        Results folders record it, so a rerun with other weights (another checkpoint, another seed)
+        is not taken for the same run. Sampling keeps it to milliseconds on a 7B model.
+        """
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            flat = tensor.detach().flatten()
+            step = max(1, flat.numel() // samples)
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(flat[::step].float().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     # ----------------------------------------------------------------- parameter groups
     @property

@@ -77,16 +77,16 @@ class CaseLog:
         if not self.path.exists():
             return done
         with self.path.open("rb") as f:
-            for raw in f:
+            for number, raw in enumerate(f, start=1):
                 if not raw.endswith(b"\n"):
                     self.torn_lines += 1  # a write cut short by a kill: recompute that case
                     continue
                 try:
                     record = json.loads(raw)
-                except json.JSONDecodeError:
-                    self.torn_lines += 1
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    self.torn_lines += 1  # unreadable: the case is simply computed again
                     continue
-                done[record["case_id"]] = record
+                done[_checked(record, self.path, number)["case_id"]] = record
         return done
 
     def append(self, record: dict[str, Any]) -> None:
@@ -98,16 +98,45 @@ class CaseLog:
             os.close(fd)
 
     def finalize(self, order: list[str]) -> list[dict[str, Any]]:
-        """Rewrite the log in `order` (dataset order), dropping torn lines and duplicates."""
+        """Rewrite the log with `order`'s cases first, in that order; return their records.
+
+        Torn lines and duplicates are dropped. Cases of an earlier run that `order` does not name (a
+        rerun over a subset) stay in the file after them, in their previous order: a smaller rerun
+        never deletes computed results.
+        """
         done = self.read()
         missing = [cid for cid in order if cid not in done]
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} cases have no result, e.g. {missing[:3]}")
         records = [done[cid] for cid in order]
+        wanted = set(order)
+        kept = [record for cid, record in done.items() if cid not in wanted]
         write_atomic(
-            self.path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+            self.path,
+            "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records + kept),
         )
         return records
+
+
+class CaseLogError(ValueError):
+    """A line of `cases.jsonl` that parses but is not a case record (edited by hand, or another file)."""
+
+
+def _checked(record: Any, path: Path, number: int) -> dict[str, Any]:
+    """`record` if it is a case record; otherwise an error naming the file, the line and the field."""
+    problem = None
+    if not isinstance(record, dict):
+        problem = f"is a JSON {type(record).__name__}, not an object"
+    elif not isinstance(record.get("case_id"), str):
+        problem = "has no string 'case_id'"
+    elif not isinstance(record.get("scores"), dict) and not isinstance(record.get("skipped"), dict):
+        problem = "has neither a 'scores' nor a 'skipped' object"
+    if problem:
+        raise CaseLogError(
+            f"{path} line {number} {problem}; it is not a case record written by this lab. Delete that line "
+            "(its case is computed again), choose a new --results_dir, or rerun with --overwrite true"
+        )
+    return record
 
 
 def write_atomic(path: Path, text: str) -> None:

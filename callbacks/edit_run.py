@@ -25,3 +25,6 @@ class EditRun:
     n_resumed: int = 0
     edit_seconds_per_case: float = 0.0
     summary: dict[str, Any] | None = None
+    #: Set by the module's `on_test_start`. Lightning runs no hook at all for a test loop without
+    #: batches, so a run that is still not started afterwards had no case to edit.
+    started: bool = False

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.case import EditCase
 from datamodules.dataset import EditDataset, load_edit_dataset, with_id_prefix
+from datamodules.formats import FORMATS, check_template
 from datamodules.images import DEFAULT_MAX_IMAGE_PIXELS
 from datamodules.sampler import ShardedBatchSampler
 
@@ -118,6 +119,24 @@ class EditDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        # Checked here, not only when the files are read, so that a bad option fails at start-up
+        # (one line from the CLI) rather than from inside Lightning's setup hook.
+        for option, fmt in (("format", format), ("cross_task_format", cross_task_format)):
+            if fmt not in FORMATS:
+                raise ValueError(f"{option} must be one of {FORMATS}, got {fmt!r}")
+        for option, template in (
+            ("prompt_template", prompt_template),
+            ("loc_image_template", loc_image_template),
+            ("cross_task_prompt_template", cross_task_prompt_template),
+        ):
+            if template is not None:
+                check_template(template, option)
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be None or >= 0, got {limit}")
+        if max_image_pixels is not None and max_image_pixels <= 0:
+            raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         self.save_hyperparameters()
         self.dataset: EditDataset | InterleavedEditDataset | None = None
         self.parts: list[EditDataset] = []

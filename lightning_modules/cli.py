@@ -13,15 +13,21 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
 from backbones.base import PromptTooLongError
-from callbacks.case_log import ResultsDirError, check_results_dir
+from callbacks.case_log import CaseLogError, ResultsDirError, check_results_dir
 from callbacks.results_table import ResultsTable
 from callbacks.results_writer import ResultsWriter
+from callbacks.run_identity import RunMismatchError
 from datamodules.edit_datamodule import EditDataModule
 from datamodules.images import ImageLoadError
 from datamodules.records import BadRecordError
 from editors.checkpoint import EditorCheckpointError
 from lightning_modules.config_errors import config_errors_named
 from lightning_modules.edit_eval import EditEval
+
+
+class OptionValueError(ValueError):
+    """An option value that the class it configures refused (raised from its __init__)."""
+
 
 #: Problems with what the user gave (data, images, results folder, checkpoints), as opposed to bugs:
 #: these end a run with one line naming the file and the fix, not a traceback through Lightning.
@@ -31,6 +37,9 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     PromptTooLongError,
     ResultsDirError,
     EditorCheckpointError,
+    RunMismatchError,
+    CaseLogError,
+    OptionValueError,
 )
 #: The exit status of a run refused for bad input (argparse uses 2 for bad arguments, too).
 USER_ERROR_EXIT_CODE = 2
@@ -49,16 +58,16 @@ EDIT_TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def result_callbacks(results_dir: str | None) -> list[Callback]:
+def result_callbacks(results_dir: str | None, overwrite: bool = False) -> list[Callback]:
     """What an edit run writes and prints: cases.jsonl and summary.json (with a folder), then the table."""
-    writer: list[Callback] = [ResultsWriter(results_dir)] if results_dir else []
+    writer: list[Callback] = [ResultsWriter(results_dir, overwrite)] if results_dir else []
     return [*writer, ResultsTable()]
 
 
-def edit_trainer(results_dir: str | None = None, **overrides: Any) -> pl.Trainer:
+def edit_trainer(results_dir: str | None = None, overwrite: bool = False, **overrides: Any) -> pl.Trainer:
     """A Trainer set up as `edit.py test` sets it up (for benchmarks, notebooks and tests)."""
     quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
-    callbacks = [*overrides.pop("callbacks", []), *result_callbacks(results_dir)]
+    callbacks = [*overrides.pop("callbacks", []), *result_callbacks(results_dir, overwrite)]
     return pl.Trainer(
         **{"accelerator": "cpu", **EDIT_TRAINER_DEFAULTS, **quiet, **overrides, "callbacks": callbacks}
     )
@@ -86,7 +95,14 @@ class EditCLI(LightningCLI):
             "--results_dir",
             type=str | None,
             default=None,
-            help="Folder for cases.jsonl (per case, written as it goes) and summary.json; reruns resume.",
+            help="Folder for cases.jsonl (per case, written as it goes) and summary.json; a rerun of the same "
+            "run (run.json) resumes.",
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="When --results_dir holds another run's results, delete them and start afresh.",
         )
         # The loop's own setting, given once: a case that turns out bad while scoring is handled as
         # the data module handles a bad record.
@@ -97,8 +113,23 @@ class EditCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         named = list(config["trainer"].get("callbacks") or [])
         return super().instantiate_trainer(
-            **kwargs, callbacks=[*named, *result_callbacks(config.get("results_dir"))]
+            **kwargs,
+            callbacks=[*named, *result_callbacks(config.get("results_dir"), bool(config.get("overwrite")))],
         )
+
+    def instantiate_classes(self) -> None:
+        # The classes validate their own options (batch_size 0, steps -3, an unknown format) in
+        # __init__; such a ValueError is the user's option, not a bug, so it ends in one line.
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, USER_ERRORS):
+                raise
+            raise OptionValueError(f"invalid option: {exc}") from exc
+
+    def after_test(self) -> None:
+        if not self.model.run.started:
+            report_empty_run(self.trainer, self.model)
 
     def before_test(self) -> None:
         # The full, resolved configuration goes into summary.json: every number is reproducible from it.
@@ -107,6 +138,24 @@ class EditCLI(LightningCLI):
         # Fail on an unusable results folder now, before the data is read and any case is computed.
         if config.get("results_dir"):
             check_results_dir(config.results_dir)
+
+
+def report_empty_run(trainer: pl.Trainer, module: EditEval) -> None:
+    """Write and print the results of a run that had no case to edit (all skipped, `limit 0`, an empty file).
+
+    Lightning skips every hook of a test loop without batches, so the result callbacks are run here:
+    the summary says n_cases 0 and lists the skips with their reasons, and an older summary in the
+    folder is replaced rather than left to look like this run's.
+    """
+    module.run.scores = module.scores.compute()
+    for callback in trainer.callbacks:
+        if isinstance(callback, ResultsWriter | ResultsTable):
+            callback.on_test_start(trainer, module)
+    for callback in trainer.callbacks:
+        if isinstance(callback, ResultsWriter | ResultsTable):
+            callback.on_test_end(trainer, module)
+    skipped = module.run.summary["n_skipped"] if module.run.summary else 0
+    print(f"no case to edit: the data gave 0 cases ({skipped} records skipped; reasons in the summary)")
 
 
 @contextlib.contextmanager

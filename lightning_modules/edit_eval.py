@@ -75,7 +75,7 @@ class EditEval(pl.LightningModule):
         # Per run: a module tested twice (benchmark rounds) reports each run alone. Callbacks'
         # on_test_start runs before this hook, so the results writer fills `completed` later, at
         # on_test_epoch_start.
-        self.run = EditRun()
+        self.run = EditRun(started=True)
         self.counters = EditCounters()
         self.completed = {}
         self.backbone.generation_counts = dict.fromkeys(self.backbone.generation_counts, 0)
