@@ -40,14 +40,21 @@ class PromptTooLongError(ValueError):
     kept so that the evaluation loop can name the case and record it came from.
     """
 
-    def __init__(self, probe: Probe, length: int, limit: int) -> None:
+    def __init__(self, probe: Probe, length: int, limit: int, chars_per_token: int | None = None) -> None:
         self.probe = probe
         self.length = length
         self.limit = limit
+        if chars_per_token is None:
+            size = f"{length} tokens long (prompt, image tokens, context and answer)"
+        else:
+            # Refused from its character count, before tokenising (a 50 MB prompt would take minutes).
+            size = (
+                f"{length} characters long; no token of this tokenizer covers more than {chars_per_token} "
+                f"characters, so it is at least {-(-length // chars_per_token)} tokens"
+            )
         super().__init__(
             f"{probe.kind} probe {probe.prompt[:60]!r}{'...' if len(probe.prompt) > 60 else ''} is "
-            f"{length} tokens long (prompt, image tokens, context and answer), more than the model's "
-            f"{limit} positions (max_position_embeddings)"
+            f"{size}, more than the model's {limit} positions (max_position_embeddings)"
         )
 
 
@@ -280,6 +287,31 @@ class VLM(nn.Module, abc.ABC):
         parts.append(probe.prompt)
         return self.prompt_format.format(content="".join(parts)), images
 
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: the longest vocabulary entry (at least 32).
+
+        A byte-level or SentencePiece token's vocabulary string is at least as long as the text it
+        decodes to; the floor of 32 covers word-level tokenizers, whose unknown-word token stands
+        for a whole word.
+        """
+        cached = getattr(self, "_max_token_chars", None)
+        if cached is None:
+            vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+            cached = max([32, *(len(token) for token in vocab)])
+            self._max_token_chars = cached
+        return cached
+
+    def _refuse_long_text(self, probes: Sequence[Probe], rendered: Sequence[tuple[str, list]]) -> None:
+        """Refuse, before tokenising, a probe whose text alone must exceed the position limit."""
+        limit = self.max_positions()
+        if limit is None:
+            return
+        per_token = self.max_token_chars()
+        for probe, (text, _) in zip(probes, rendered, strict=True):
+            chars = len(text) + len(self.answer_prefix) + len(probe.answer)
+            if chars > limit * per_token:
+                raise PromptTooLongError(probe, chars, limit, chars_per_token=per_token)
+
     def _encode_text(self, text: str, first: bool) -> list[int]:
         # Only the first piece gets the tokenizer's special prefix (BOS); pieces around images never do.
         return self.tokenizer(text, add_special_tokens=first).input_ids if text or first else []
@@ -291,6 +323,7 @@ class VLM(nn.Module, abc.ABC):
         """Tokenise probes into one padded batch; right-padded for scoring, left-padded for generation."""
         image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         rendered = [self.render_prompt(p) for p in probes]
+        self._refuse_long_text(probes, rendered)
         all_images = [img for _, imgs in rendered for img in imgs]
         image_inputs = self.image_inputs(all_images) if all_images else {}
         counts = iter(self.image_token_counts(image_inputs) if all_images else [])
@@ -386,7 +419,12 @@ class VLM(nn.Module, abc.ABC):
                 return shared_teacher_forced(self, chunk, all_topk)
             batch = self.build_batch(chunk)
             return teacher_forced_outputs(
-                self.logits(batch), batch.labels, batch.answer_spans, batch.lengths, all_topk
+                self.logits(batch),
+                batch.labels,
+                batch.answer_spans,
+                batch.lengths,
+                all_topk,
+                batch.inputs["input_ids"],
             )
 
         return self._in_chunks(probes, run)

@@ -47,6 +47,9 @@ class TeacherForced:
     pred: torch.Tensor
     labels: torch.Tensor
     all_topk: torch.Tensor | None = None
+    #: The row's token ids at the same positions as `all_topk` (filled with it), so that rows of one
+    #: probe asked with and without an in-context editor's context can be lined up token by token.
+    ids: torch.Tensor | None = None
 
 
 def teacher_forced_outputs(
@@ -55,6 +58,7 @@ def teacher_forced_outputs(
     answer_spans: Sequence[tuple[int, int]],
     lengths: Sequence[int],
     all_topk: int = 0,
+    input_ids: torch.Tensor | None = None,
 ) -> list[TeacherForced]:
     """Split a right-padded batch's logits into per-probe `TeacherForced` outputs (on the CPU).
 
@@ -65,6 +69,7 @@ def teacher_forced_outputs(
         answer_spans: (start, end) of each row's answer tokens.
         lengths: unpadded length of each row; rows are right-padded, so positions 0..length-1 are real.
         all_topk: when > 0, also return the top-k ids at every non-padding position of each row.
+        input_ids: (B, T) the rows' tokens; with `all_topk`, each output keeps its row's ids.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
@@ -83,6 +88,7 @@ def teacher_forced_outputs(
     # topk in the logits' own dtype: bf16 -> float is exact, so the ranking is the same without
     # materialising a float copy of (B, T, V).
     topk_all = logits.topk(all_topk, dim=-1).indices.cpu() if all_topk else None
+    ids_all = input_ids.cpu() if all_topk and input_ids is not None else None
     out: list[TeacherForced] = []
     for i, ((s, e), n) in enumerate(zip(answer_spans, lengths, strict=True)):
         if not 0 <= s <= e <= n <= width:
@@ -96,7 +102,8 @@ def teacher_forced_outputs(
             raise ValueError(f"row {i}: labels inside the answer span ({s}, {e}) hold IGNORE_INDEX")
         pred = pred_all[i, s - 1 : e - 1] if e > s else pred_all[i, :0]
         topk = topk_all[i, :n] if topk_all is not None else None
-        out.append(TeacherForced(pred, gold, topk))
+        ids = ids_all[i, :n] if ids_all is not None else None
+        out.append(TeacherForced(pred, gold, topk, ids))
     return out
 
 

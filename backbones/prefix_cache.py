@@ -433,8 +433,10 @@ def shared_teacher_forced(
         # All-position top-k: the prefix's positions come from its own pass, in the same dtype.
         head = split.prefix_logits.topk(all_topk, dim=-1).indices.cpu()
         width = head.shape[1]
-        for out, o, c in zip(outs, split.owner, split.cuts, strict=True):
+        ids = batch.inputs["input_ids"].cpu()
+        for out, o, c, i in zip(outs, split.owner, split.cuts, split.which, strict=True):
             out.all_topk = torch.cat([head[o, width - c :], out.all_topk])
+            out.ids = ids[i, : batch.lengths[i]]
     for i, out in zip(split.which, outs, strict=True):
         results[i] = out
     return results  # type: ignore[return-value]
@@ -468,5 +470,10 @@ def row_logits(vlm: BatchingBackbone, probes: Sequence[Probe]) -> list[torch.Ten
 
 def _plain(vlm: BatchingBackbone, batch: ProbeBatch, all_topk: int) -> list[TeacherForced]:
     return teacher_forced_outputs(
-        vlm.logits(batch), batch.labels, batch.answer_spans, batch.lengths, all_topk
+        vlm.logits(batch),
+        batch.labels,
+        batch.answer_spans,
+        batch.lengths,
+        all_topk,
+        batch.inputs["input_ids"],
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from core.case import PROBE_KINDS, EditCase, Probe
 from datamodules.formats import (
@@ -30,7 +30,14 @@ from datamodules.formats import (
     record_plan,
 )
 from datamodules.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader, ImageLoadError
-from datamodules.records import BadRecordError, RecordIssues, RecordReader, read_json_list, record_id
+from datamodules.records import (
+    BadRecordError,
+    RecordIssues,
+    RecordReader,
+    check_encodable,
+    read_json_list,
+    record_id,
+)
 
 
 class EditDataset(Dataset[EditCase]):
@@ -72,9 +79,12 @@ class EditDataset(Dataset[EditCase]):
             return self._case(i)
         except BadRecordError as exc:
             # An image that only fails when decoded (truncated, corrupt, too large) is found here,
-            # in a loader worker. Under `skip` the case travels on as a skip marker, so the loop
-            # counts and reports it like any other bad record instead of the run ending.
-            if self.on_bad_record != "skip":
+            # often in a loader worker. Under `skip` the case travels on as a skip marker, so the loop
+            # counts and reports it like any other bad record instead of the run ending. Under
+            # `error` a worker must not raise either: torch re-raises a worker's exception as a
+            # 100-line traceback, so the marker travels to the main process, which raises it there
+            # (`raise_load_errors`) as the same one-line error as without workers.
+            if self.on_bad_record != "skip" and get_worker_info() is None:
                 raise
             plan = self.plans[i]
             return EditCase(
@@ -84,6 +94,7 @@ class EditDataset(Dataset[EditCase]):
                 probes={},
                 source=self.format,
                 skip_reason=exc.as_dict(),
+                meta={RAISE_IN_MAIN: self.on_bad_record != "skip"},
             )
 
     def _case(self, i: int) -> EditCase:
@@ -211,6 +222,7 @@ def load_edit_dataset(
         if limit is not None and len(plans) >= limit:
             break
         try:
+            check_encodable(file, index, record)
             case_id = record_id(file, index, record)
             reader = RecordReader(file, index, record, case_id)
             if not isinstance(record, dict):
@@ -239,6 +251,24 @@ def load_edit_dataset(
         skip_reasons=issues.reasons(),
         on_bad_record=on_bad_record,
     )
+
+
+#: Meta key of a marker case whose load error must end the run once it reaches the main process.
+RAISE_IN_MAIN = "raise_load_error_in_main_process"
+
+
+def raise_load_errors(cases: list[EditCase]) -> None:
+    """Raise, in the main process, the load error a worker sent along instead of raising it there."""
+    for case in cases:
+        if case.skip_reason is not None and case.meta.get(RAISE_IN_MAIN):
+            reason = case.skip_reason
+            raise BadRecordError(
+                reason["file"],
+                reason["message"],
+                index=reason["index"],
+                case_id=reason["id"],
+                field=reason["field"],
+            )
 
 
 def with_id_prefix(case: EditCase, prefix: str, index: int) -> EditCase:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from core.case import EditCase
-from datamodules.dataset import EditDataset, load_edit_dataset, with_id_prefix
+from datamodules.dataset import EditDataset, load_edit_dataset, raise_load_errors, with_id_prefix
 from datamodules.formats import FORMATS, check_template
 from datamodules.images import DEFAULT_MAX_IMAGE_PIXELS
 from datamodules.sampler import ShardedBatchSampler
@@ -191,8 +191,10 @@ class EditDataModule(L.LightningDataModule):
 
         Lightning's default walks the batch with `apply_to_collection`, which refuses frozen dataclasses
         (`Probe`) and would deep-copy every case with its images on each step. Cases hold only PIL
-        images and strings; the backbone builds tensors on its own device.
+        images and strings; the backbone builds tensors on its own device. It runs in the main
+        process, so a load error that a worker sent along as a marker is raised here, in one line.
         """
+        raise_load_errors(batch)
         return batch
 
     def case_ids(self) -> list[str]:

@@ -23,6 +23,12 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
+#: The raster formats images are opened as. Pillow would otherwise try every plugin it has, and some
+#: run external programs (a PostScript file named `.png` reaches the EPS plugin, which calls
+#: Ghostscript where it is installed); benchmark images are photographs and renderings.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+
+
 class ImageLoadError(ValueError):
     """An image path that cannot be resolved, opened, or decoded; the message names the file."""
 
@@ -146,7 +152,7 @@ class ImageLoader:
             # and let its hard error (at twice its limit) through as one of ours.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
+                with Image.open(path, formats=IMAGE_FORMATS) as img:
                     pixels = img.width * img.height
                     if pixels > self.max_image_pixels:
                         raise ImageLoadError(
@@ -167,6 +173,11 @@ class ImageLoader:
                 f"image file {path} exceeds Pillow's decompression-bomb limit: {exc}; "
                 f"max_image_pixels={self.max_image_pixels}"
             ) from exc
-        except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+        except Image.UnidentifiedImageError as exc:
+            raise ImageLoadError(
+                f"cannot decode image file {path}: it is not an image in one of the formats this lab opens "
+                f"({', '.join(IMAGE_FORMATS)})"
+            ) from exc
+        except (OSError, SyntaxError, ValueError) as exc:
             # Truncated files fail in load() with OSError; some corrupt headers raise SyntaxError.
             raise ImageLoadError(f"cannot decode image file {path}: {type(exc).__name__}: {exc}") from exc

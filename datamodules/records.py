@@ -134,6 +134,46 @@ class RecordReader:
         return value
 
 
+def check_encodable(file: Path, index: int, record: Any) -> None:
+    """Refuse a record holding text that cannot be written as UTF-8 (a lone surrogate from `\\ud800` in the JSON).
+
+    Such text reads fine but crashes the run later, when a tokenizer, `cases.jsonl` or the terminal
+    meets it; here it is a bad field like any other (an error, or a counted skip). The message
+    shows the value with escapes, so it can itself be printed.
+    """
+
+    def walk(value: Any, path: str) -> tuple[str, str] | None:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path, value
+            return None
+        items = (
+            value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        )
+        for key, item in items:
+            if isinstance(key, str) and walk(key, path) is not None:
+                return (path or "<record>"), key
+            found = walk(
+                item,
+                f"{path}.{key}" if path and isinstance(key, str) else f"{path}[{key}]" if path else str(key),
+            )
+            if found is not None:
+                return found
+        return None
+
+    found = walk(record, "")
+    if found is not None:
+        where, value = found
+        raise BadRecordError(
+            file,
+            f"holds text that cannot be encoded as UTF-8 (a lone surrogate?): {ascii(value[:60])}",
+            index=index,
+            field=where or None,
+        )
+
+
 def record_id(file: Path, index: int, record: Any) -> str:
     """The record's own `id` / `case_id` if it has one, else `"<file stem>:<index>"`."""
     if isinstance(record, dict):

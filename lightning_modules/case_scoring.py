@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from backbones.base import VLM
 from backbones.batching import ProbeAnswerer, TeacherForced
 from core.case import LOCALITY_KINDS, EditCase, Probe
@@ -50,18 +52,32 @@ def reference_outputs(
 
 
 def _aligned(post: TeacherForced, pre: TeacherForced) -> tuple[TeacherForced, TeacherForced]:
-    """Trim all-position outputs of a probe asked with extra context to their common tail.
+    """Keep, of all-position outputs, only the positions where both rows hold the same tokens.
 
-    In-context editors prepend text and images, so the edited sequence is longer; its tail (the
-    question and answer) lines up with the unedited sequence's tail.
+    In-context editors prepend text and images, so the edited row is longer and its head holds other
+    tokens (the context, where the unedited row has its own opening); only the common tail of token
+    ids (the question and answer, token for token) is compared. Rows of equal tokens keep every
+    position.
     """
-    if post.all_topk is None or pre.all_topk is None or len(post.all_topk) == len(pre.all_topk):
+    if post.all_topk is None or pre.all_topk is None or post.ids is None or pre.ids is None:
         return post, pre
-    n = min(len(post.all_topk), len(pre.all_topk))
+    if torch.equal(post.ids, pre.ids):
+        return post, pre
+    n = _common_suffix(post.ids, pre.ids)
     return (
-        TeacherForced(post.pred, post.labels, post.all_topk[-n:]),
-        TeacherForced(pre.pred, pre.labels, pre.all_topk[-n:]),
+        TeacherForced(
+            post.pred, post.labels, post.all_topk[len(post.ids) - n :], post.ids[len(post.ids) - n :]
+        ),
+        TeacherForced(pre.pred, pre.labels, pre.all_topk[len(pre.ids) - n :], pre.ids[len(pre.ids) - n :]),
     )
+
+
+def _common_suffix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many trailing tokens two id rows share."""
+    n = min(len(a), len(b))
+    same = (a[len(a) - n :] == b[len(b) - n :]).flip(0)
+    differ = (~same).nonzero()
+    return int(differ[0]) if len(differ) else n
 
 
 def _answer_all(

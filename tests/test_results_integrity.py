@@ -167,3 +167,83 @@ def test_results_without_a_run_file_are_not_trusted(tmp_path, monkeypatch, capsy
     (results / "run.json").unlink()
     line = refused(capsys, results, "--data.limit", "2")
     assert "without a run.json" in line
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_unreadable_image_is_one_line_with_or_without_workers(tmp_path, monkeypatch, capsys, workers):
+    monkeypatch.chdir(ROOT)
+    images = tmp_path / "images"
+    shutil.copytree(SAMPLE / "images", images)
+    record = json.loads((SAMPLE / "mmedit" / "vqa_eval.json").read_text())[0]
+    damaged = images / record["image"]
+    damaged.write_bytes(damaged.read_bytes()[:40])  # a truncated file: its header reads, its pixels do not
+    args = ["--data.image_root", str(images), "--data.limit", "2", "--data.num_workers", workers]
+    line = refused(capsys, tmp_path / "results", *args)
+    assert str(damaged) in line and "record 0" in line, line
+
+
+@pytest.mark.parametrize("where", ["alt", "id"])
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_text_that_cannot_be_encoded_is_a_bad_field(tmp_path, monkeypatch, capsys, where, policy):
+    monkeypatch.chdir(ROOT)
+    records = json.loads((SAMPLE / "mmedit" / "vqa_eval.json").read_text())[:2]
+    records[1][where] = "Rome \ud800"
+    data = tmp_path / "surrogate.json"
+    data.write_text(json.dumps(records))  # ASCII JSON: the lone surrogate is written as \\ud800
+    args = ["--data.annotation_file", str(data), "--data.on_bad_record", policy]
+    if policy == "error":
+        line = refused(capsys, tmp_path / "results", *args)
+        assert "record 1" in line and f"field '{where}'" in line and "\\ud800" in line, line
+    else:
+        summary = run(tmp_path / "results", *args)
+        assert summary["n_cases"] == 1 and summary["n_skipped"] == 1
+        assert summary["skipped"][0]["field"] == where
+
+
+def test_a_huge_prompt_is_refused_before_tokenising(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    records = json.loads((SAMPLE / "mmedit" / "vqa_eval.json").read_text())[:2]
+    records[0]["src"] = "why " * 1_500_000  # 6 MB; tokenising it whole would take tens of seconds
+    data = tmp_path / "huge.json"
+    data.write_text(json.dumps(records))
+    line = refused(capsys, tmp_path / "results", "--data.annotation_file", str(data))
+    assert "characters long" in line and "record 0" in line, line
+
+
+def test_only_image_formats_are_opened(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    images = tmp_path / "images"
+    shutil.copytree(SAMPLE / "images", images)
+    record = json.loads((SAMPLE / "mmedit" / "vqa_eval.json").read_text())[0]
+    # An EPS file under an image's name: Pillow's EPS plugin would hand it to Ghostscript.
+    (images / record["image"]).write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    line = refused(capsys, tmp_path / "results", "--data.image_root", str(images), "--data.limit", "1")
+    assert "not an image in one of the formats this lab opens" in line, line
+
+
+def test_mmedit_trainer_locality_compares_only_positions_whose_tokens_line_up():
+    import torch
+
+    from backbones.batching import TeacherForced
+    from lightning_modules.case_scoring import _aligned
+
+    def out(ids: list[int]) -> TeacherForced:
+        topk = torch.tensor(ids).unsqueeze(-1).repeat(1, 3)  # stand-in top-3 ids per position
+        return TeacherForced(torch.tensor([0]), torch.tensor([0]), topk, torch.tensor(ids))
+
+    # An in-context row: context tokens 7 7 7, then a head (1) that the plain row has as (2), then the
+    # question and answer (5 6 8 9) that both rows share token for token.
+    post, pre = _aligned(out([7, 7, 7, 1, 5, 6, 8, 9]), out([2, 5, 6, 8, 9]))
+    assert post.ids.tolist() == pre.ids.tolist() == [5, 6, 8, 9]
+    assert post.all_topk.shape == pre.all_topk.shape == (4, 3)
+    same = out([3, 4, 5])
+    assert _aligned(same, out([3, 4, 5]))[0] is same  # rows of equal tokens keep every position
+
+
+def test_ike_under_mmedit_trainer_scores_aligned_rows(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    summary = run(
+        tmp_path / "results", "--data.limit", "3", "--model.protocol", "mmedit_trainer", method="ike"
+    )
+    assert summary["protocol"] == "mmedit_trainer"
+    assert 0 <= summary["t_loc"] <= 100 and 0 <= summary["i_loc"] <= 100
