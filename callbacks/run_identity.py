@@ -1,8 +1,9 @@
 """What makes two runs the same run, so that a rerun into a results folder resumes only its own cases.
 
-A results folder holds `run.json` next to `cases.jsonl`: the editor and backbone descriptions, the
-scoring settings, each annotation file's SHA-256 and how it is read (format, templates, image root),
-the sequence length in sequential mode, and the scoring code's version. A rerun resumes only when
+A results folder holds `run.json` next to `cases.jsonl`: the resolved config without output paths
+and run-time settings, the editor and backbone descriptions and a digest of the backbone's weights,
+the scoring settings, each annotation file's SHA-256 and how it is read (format, templates, image
+root), the sequence length in sequential mode, and the scoring code's version. A rerun resumes only when
 its identity equals the stored one; otherwise it stops with one line naming what differs. The case
 limit is not part of it: a rerun over a subset (or a superset) of the same data reuses what it can.
 """
@@ -19,6 +20,29 @@ import lightning.pytorch as pl
 #: Bump when a change to scoring makes earlier per-case results incomparable with new ones.
 SCORING_VERSION = 1
 RUN_FILE = "run.json"
+#: Config entries that do not decide a case's numbers: output paths, the config files' own names,
+#: the Trainer (devices and strategy give the same numbers; progress bars and loggers none), and how
+#: much of the data is read and by how many workers (a subset rerun reuses the cases it shares).
+NOT_IDENTITY = (
+    "config",
+    "results_dir",
+    "overwrite",
+    "trainer",
+    "ckpt_path",
+    "data.limit",
+    "data.num_workers",
+)
+
+
+def _without(config: dict[str, Any], dropped: tuple[str, ...]) -> dict[str, Any]:
+    out = dict(config)
+    for path in dropped:
+        head, _, rest = path.partition(".")
+        if rest and isinstance(out.get(head), dict):
+            out[head] = _without(out[head], (rest,))
+        elif not rest:
+            out.pop(head, None)
+    return out
 
 
 class RunMismatchError(ValueError):
@@ -54,6 +78,9 @@ def run_identity(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, A
         "generation": hparams.generation,
         "max_hops": hparams.max_hops,
         "datasets": datasets,
+        # The resolved config, when the run came through `edit.py` (what the descriptions above miss:
+        # the seed, generation length, any option an editor does not describe).
+        "config": _without(getattr(module, "run_config", {}) or {}, NOT_IDENTITY),
     }
     if hparams.mode == "sequential" and datamodule is not None:
         # Which cases form one sequence follows from the batch size.

@@ -247,3 +247,14 @@ def test_ike_under_mmedit_trainer_scores_aligned_rows(tmp_path, monkeypatch):
     )
     assert summary["protocol"] == "mmedit_trainer"
     assert 0 <= summary["t_loc"] <= 100 and 0 <= summary["i_loc"] <= 100
+
+
+def test_a_setting_only_the_config_holds_is_part_of_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    results = tmp_path / "results"
+    run(results, "--data.limit", "2")
+    line = refused(capsys, results, "--data.limit", "2", "--model.backbone.init_args.max_new_tokens", "3")
+    assert "config.model.backbone.init_args.max_new_tokens" in line, line
+    # Output and run-time settings are not: another progress bar setting still resumes.
+    summary = run(results, "--data.limit", "2", "--trainer.enable_progress_bar", "true")
+    assert summary["n_resumed_rank0"] == 2
