@@ -1,0 +1,1 @@
+"""Reports over finished runs: collect results folders, write comparison tables and plots."""
