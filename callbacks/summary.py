@@ -8,9 +8,11 @@ results table prints it, so both show the same numbers.
 from __future__ import annotations
 
 import math
+import resource
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from core.case import PROBE_KINDS
 
@@ -28,6 +30,13 @@ def score_fields(scores: dict[str, float], max_hops: int) -> dict[str, Any]:
     out["generation"] = {key: pct(f"gen_{key}") for key in PROBE_KINDS}
     out["generation"]["port_per_hop"] = {str(h): pct(f"gen_port_hop{h}") for h in hops}
     return out
+
+
+def peak_memory_mib() -> float:
+    """Peak memory of this process so far: the GPU's allocations where there is one, else resident memory."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def build_summary(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, Any]:
@@ -50,6 +59,7 @@ def build_summary(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, 
             "backbone": module.backbone.describe(),
             "editor": module.editor.describe(),
             "edit_seconds_per_case_rank0": run.edit_seconds_per_case,
+            "peak_memory_mib_rank0": round(peak_memory_mib(), 1),
             "n_resumed_rank0": run.n_resumed,
             # How the greedy answers (pre-edit locality references included) were obtained.
             "generated_rows_rank0": dict(module.backbone.generation_counts),

@@ -17,6 +17,7 @@ from callbacks.case_log import CaseLogError, ResultsDirError, check_results_dir
 from callbacks.results_table import ResultsTable
 from callbacks.results_writer import ResultsWriter
 from callbacks.run_identity import RunMismatchError
+from callbacks.wandb_results import WandbResults
 from datamodules.edit_datamodule import EditDataModule
 from datamodules.images import ImageLoadError
 from datamodules.records import BadRecordError
@@ -61,7 +62,7 @@ EDIT_TRAINER_DEFAULTS: dict[str, Any] = {
 def result_callbacks(results_dir: str | None, overwrite: bool = False) -> list[Callback]:
     """What an edit run writes and prints: cases.jsonl and summary.json (with a folder), then the table."""
     writer: list[Callback] = [ResultsWriter(results_dir, overwrite)] if results_dir else []
-    return [*writer, ResultsTable()]
+    return [*writer, ResultsTable(), WandbResults()]
 
 
 def edit_trainer(results_dir: str | None = None, overwrite: bool = False, **overrides: Any) -> pl.Trainer:
