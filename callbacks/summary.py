@@ -26,6 +26,8 @@ def score_fields(scores: dict[str, float], max_hops: int) -> dict[str, Any]:
 
     hops = range(1, max_hops + 1)
     out: dict[str, Any] = {key: pct(key) for key in PROBE_KINDS}
+    # The mean of Rel, T-Gen, I-Gen, T-Loc, I-Loc (`metrics.scores.average`): what sweeps tune on.
+    out["avg"] = pct("avg")
     out["port_per_hop"] = {str(h): pct(f"port_hop{h}") for h in hops}
     out["generation"] = {key: pct(f"gen_{key}") for key in PROBE_KINDS}
     out["generation"]["port_per_hop"] = {str(h): pct(f"gen_port_hop{h}") for h in hops}

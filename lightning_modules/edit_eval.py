@@ -26,7 +26,7 @@ from core.case import EditCase
 from editors.base import Editor
 from lightning_modules.edit_loop import EditCounters, LoopSettings, Mode, OnBadRecord, edit_and_score
 from metrics.protocols import Protocol
-from metrics.scores import ScoreSet
+from metrics.scores import ScoreSet, average
 
 
 class EditEval(pl.LightningModule):
@@ -107,6 +107,7 @@ class EditEval(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.run.scores = self.scores.compute()
+        self.run.scores["avg"] = average(self.run.scores)
         self.run.edit_seconds_per_case = self.counters.seconds_per_case
         for key, value in self.run.scores.items():
             if not math.isnan(value):

@@ -172,6 +172,18 @@ def case_values(
     return out
 
 
+#: The scores `average` combines: edit success, generality and locality (portability is absent from
+#: many benchmarks, so a tuning target that included it would not compare across them).
+AVERAGED_KINDS: tuple[str, ...] = ("rel", "t_gen", "i_gen", "t_loc", "i_loc")
+
+
+def average(scores: Mapping[str, float | None], prefix: str = "") -> float:
+    """The mean of Rel, T-Gen, I-Gen, T-Loc and I-Loc where present (nan if none): one number to tune on."""
+    values = [scores.get(prefix + k) for k in AVERAGED_KINDS]
+    present = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return math.fsum(present) / len(present) if present else math.nan
+
+
 class ScoreSet(nn.Module):
     """All scores of one stage: the six teacher-forced scores, their generation twins (``gen_<kind>``),
     and per-hop portability (``port_hop<h>``, ``gen_port_hop<h>``, h = 1..max_hops).

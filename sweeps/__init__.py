@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps from W&B sweep files, run offline: the points, the best one, its evaluation."""
