@@ -1,6 +1,6 @@
 """`python edit.py test --config configs/edit/<method>.yaml`: edit a VLM and score the edits."""
 
-from lightning_modules.cli import EditCLI
+from lightning_modules.edit_cli import EditCLI
 
 
 def main(args: list[str] | None = None) -> EditCLI:

@@ -31,7 +31,7 @@ def _rss_mib() -> float:
 def measure(configs: list[str], cases: int) -> dict[str, float | str]:
     """Run in the child: build, edit `cases` cases one by one, report time and peak memory."""
     sys.path.insert(0, str(ROOT))
-    from lightning_modules.cli import EditCLI
+    from lightning_modules.edit_cli import EditCLI
 
     args = [a for c in configs for a in ("--config", c)] + [
         "--trainer.logger",

@@ -32,7 +32,7 @@ import torch
 from backbones.prefix_cache import MIN_SAVED_WORK, MIN_SAVING
 from core.case import PROBE_KINDS, EditCase
 from lightning_modules.case_scoring import reference_outputs, score_cases
-from lightning_modules.cli import EditCLI, edit_trainer
+from lightning_modules.edit_cli import EditCLI, edit_trainer
 from lightning_modules.edit_eval import EditEval
 from metrics.protocols import topk_needed
 from metrics.scores import ScoreSet

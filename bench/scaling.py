@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from backbones import LlavaVLM, TinySpec
 from core.case import EditCase
 from datamodules.dataset import with_id_prefix
-from lightning_modules.cli import EditCLI, edit_trainer
+from lightning_modules.edit_cli import EditCLI, edit_trainer
 from lightning_modules.edit_eval import EditEval
 
 

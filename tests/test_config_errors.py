@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import train
-from lightning_modules.cli import EditCLI
 from lightning_modules.config_errors import config_files, locate
+from lightning_modules.edit_cli import EditCLI
 
 ROOT = Path(__file__).resolve().parent.parent
 FT = str(ROOT / "configs" / "edit" / "ft_llm.yaml")

@@ -9,7 +9,7 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from backbones.base import VLM
-from lightning_modules.cli import EditCLI
+from lightning_modules.edit_cli import EditCLI
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -21,7 +21,7 @@ import backbones.training_loss
 from backbones.frozen_prefix import PrefixCachedLoss, first_trained_layer
 from datamodules.edit_datamodule import EditDataModule
 from editors import FineTune
-from lightning_modules.cli import edit_trainer
+from lightning_modules.edit_cli import edit_trainer
 from lightning_modules.edit_eval import EditEval
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"

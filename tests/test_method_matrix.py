@@ -15,7 +15,7 @@ from tiny_families import FAMILIES
 
 from datamodules.edit_datamodule import EditDataModule
 from editors import IKE, FineTune
-from lightning_modules.cli import edit_trainer
+from lightning_modules.edit_cli import edit_trainer
 from lightning_modules.edit_eval import EditEval
 
 ROOT = Path(__file__).resolve().parent.parent

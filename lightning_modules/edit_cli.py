@@ -1,49 +1,21 @@
-"""The `LightningCLI` subclasses behind `edit.py` and `train.py`."""
+"""`EditCLI`, the command line behind `edit.py test`, and `edit_trainer`, the same Trainer for benchmarks and tests."""
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningCLI
 
-from backbones.base import PromptTooLongError
-from callbacks.case_log import CaseLogError, ResultsDirError, check_results_dir
+from callbacks.case_log import check_results_dir
 from callbacks.results_table import ResultsTable
 from callbacks.results_writer import ResultsWriter
-from callbacks.run_identity import RunMismatchError
 from callbacks.wandb_results import WandbResults
 from datamodules.edit_datamodule import EditDataModule
-from datamodules.images import ImageLoadError
-from datamodules.records import BadRecordError
-from editors.checkpoint import EditorCheckpointError
+from lightning_modules.cli_base import LabCLI, user_errors_exit
 from lightning_modules.config_errors import config_errors_named
 from lightning_modules.edit_eval import EditEval
-
-
-class OptionValueError(ValueError):
-    """An option value that the class it configures refused (raised from its __init__)."""
-
-
-#: Problems with what the user gave (data, images, results folder, checkpoints), as opposed to bugs:
-#: these end a run with one line naming the file and the fix, not a traceback through Lightning.
-USER_ERRORS: tuple[type[Exception], ...] = (
-    BadRecordError,
-    ImageLoadError,
-    PromptTooLongError,
-    ResultsDirError,
-    EditorCheckpointError,
-    RunMismatchError,
-    CaseLogError,
-    OptionValueError,
-)
-#: The exit status of a run refused for bad input (argparse uses 2 for bad arguments, too).
-USER_ERROR_EXIT_CODE = 2
 
 #: Read before any --config: the shared defaults of every edit run (tiny LLaVA, the sample data).
 EDIT_BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "edit" / "base.yaml"
@@ -74,7 +46,7 @@ def edit_trainer(results_dir: str | None = None, overwrite: bool = False, **over
     )
 
 
-class EditCLI(LightningCLI):
+class EditCLI(LabCLI):
     """`edit.py`: EditEval + EditDataModule, with `--results_dir` at the top level."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
@@ -118,16 +90,6 @@ class EditCLI(LightningCLI):
             callbacks=[*named, *result_callbacks(config.get("results_dir"), bool(config.get("overwrite")))],
         )
 
-    def instantiate_classes(self) -> None:
-        # The classes validate their own options (batch_size 0, steps -3, an unknown format) in
-        # __init__; such a ValueError is the user's option, not a bug, so it ends in one line.
-        try:
-            super().instantiate_classes()
-        except (ValueError, TypeError) as exc:
-            if isinstance(exc, USER_ERRORS):
-                raise
-            raise OptionValueError(f"invalid option: {exc}") from exc
-
     def after_test(self) -> None:
         if not self.model.run.started:
             report_empty_run(self.trainer, self.model)
@@ -157,20 +119,6 @@ def report_empty_run(trainer: pl.Trainer, module: EditEval) -> None:
             callback.on_test_end(trainer, module)
     skipped = module.run.summary["n_skipped"] if module.run.summary else 0
     print(f"no case to edit: the data gave 0 cases ({skipped} records skipped; reasons in the summary)")
-
-
-@contextlib.contextmanager
-def user_errors_exit() -> Iterator[None]:
-    """Turn `USER_ERRORS` into one line on stderr and `SystemExit(2)`; the original stays as `__cause__`.
-
-    Lightning re-raises errors from hooks and data loading as they are, under a traceback dozens of
-    frames deep; the message (file, record, id, field, expectation) is all a user needs.
-    """
-    try:
-        yield
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(USER_ERROR_EXIT_CODE) from exc
 
 
 def _parser_kwargs(run: bool) -> dict[str, Any]:
