@@ -4,7 +4,9 @@
 2. loads the trained world backbone from checkpoints/world_<family>, or trains it first with
    `train.py fit --config configs/train/world_<family>.yaml` (about 5-10 minutes on 2 CPU cores);
 3. runs `edit.py test` for every method on the world's evaluation split (VLKEB multi-hop layout) and
-   prints one table: methods as rows, the six scores and their generation twins as columns.
+   prints one table: methods as rows, the six scores and their generation twins as columns;
+4. writes the report (`report.py`): the table as Markdown and CSV and the plots, in
+   `results/demo/<family>/report/`.
 
 Each method writes `results/demo/<family>/<method>/{cases.jsonl,summary.json}`; a rerun resumes from
 them, so it costs almost nothing (--fresh starts over, e.g. after retraining the backbone).
@@ -21,6 +23,8 @@ from pathlib import Path
 import edit
 import train
 from callbacks.results_table import format_table
+from reporting.collect import read_row
+from reporting.report import write_report
 from world.build import build_world
 from world.config import load_world_config
 
@@ -71,6 +75,11 @@ def main(argv: list[str] | None = None) -> str:
         rows.append((method, run_method(method, args.family, results)))
     table = format_table(rows)
     print(f"\nworld demo, {args.family}-style backbone ({time.perf_counter() - start:.0f}s)\n{table}")
+    report = Path(args.out) / args.family / "report"
+    written = write_report(
+        [read_row(Path(args.out) / args.family / m / "summary.json", m) for m in args.methods], report
+    )
+    print("plots and tables: " + ", ".join(str(p) for p in written))
     return table
 
 

@@ -24,6 +24,8 @@ import json
 import random
 from pathlib import Path
 
+from tqdm import tqdm
+
 from world.generate import SPLITS, Edit, Entity, World
 from world.probes import composite_questions, image_questions, known_relations, text_question, withheld_qas
 from world.relations import CAPTION_TEMPLATES, CHAINS, TEXT_TEMPLATES
@@ -99,7 +101,9 @@ def split_records(world: World, images: ImageWriter, split: str) -> dict[str, li
     entities = world.split(split)
     ids = {e.id for e in entities}
     out: dict[str, list[dict]] = {"vqa": [], "caption": [], "vlkeb": [], "multihop": [], "onehop": []}
-    for edit in [x for x in world.edits if x.entity in ids]:
+    edits = [x for x in world.edits if x.entity in ids]
+    # Rendering the pictures is the slow part of a build (seconds to minutes for large worlds).
+    for edit in tqdm(edits, desc=f"world: {split} records", unit="edit", leave=False):
         entity, core = _core(world, images, rng, edit, entities)
         core["id"] = f"{split}-{entity.id}-{edit.relation}"
         out["vqa"].append(core)
