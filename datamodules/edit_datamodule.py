@@ -3,28 +3,22 @@
 Batches are lists of `EditCase` (no tensor collation: the backbone turns probes into tensors). Each
 batch is the unit a test step edits: `batch_size` cases edited one at a time, or, in sequential
 editing, the K cases written into one model state. `ShardedBatchSampler` splits whole batches across
-DDP ranks, so run the Trainer with `use_distributed_sampler=False`. The datamodule also overrides
-`transfer_batch_to_device` to pass the cases through as they are (see there).
+DDP ranks, so run the Trainer with `use_distributed_sampler=False`. Batches reach the steps untouched
+(`datamodules.case_batches.CaseDataModule`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from core.case import EditCase
-from datamodules.dataset import EditDataset, load_edit_dataset, raise_load_errors, with_id_prefix
+from datamodules.case_batches import CaseDataModule, collate_cases
+from datamodules.dataset import EditDataset, load_edit_dataset, with_id_prefix
 from datamodules.formats import FORMATS, check_template
 from datamodules.images import DEFAULT_MAX_IMAGE_PIXELS
 from datamodules.sampler import ShardedBatchSampler
-
-
-def collate_cases(batch: list[EditCase]) -> list[EditCase]:
-    """Keep the cases as they are; module-level so DataLoader workers can pickle it."""
-    return list(batch)
 
 
 def interleave_order(len_a: int, len_b: int) -> list[tuple[int, int]]:
@@ -71,7 +65,7 @@ def source_prefixes(first: EditDataset, second: EditDataset) -> tuple[str, str]:
     return "main", "cross"
 
 
-class EditDataModule(L.LightningDataModule):
+class EditDataModule(CaseDataModule):
     """Edit cases from an MMEdit (E-VQA / E-IC) or VLKEB annotation file, optionally mixed with a second
     task for cross-task editing."""
 
@@ -167,17 +161,11 @@ class EditDataModule(L.LightningDataModule):
             self.parts.append(cross)
             self.dataset = InterleavedEditDataset(main, cross, source_prefixes(main, cross))
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
-
     def test_dataloader(self) -> DataLoader[list[EditCase]]:
         if self.dataset is None:
             self.setup("test")
         assert self.dataset is not None
-        rank, world_size = self._rank_and_world()
+        rank, world_size = self.rank_and_world()
         sampler = ShardedBatchSampler(len(self.dataset), self.hparams.batch_size, rank, world_size)
         return DataLoader(
             self.dataset,
@@ -185,17 +173,6 @@ class EditDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             collate_fn=collate_cases,
         )
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Hand the cases over untouched.
-
-        Lightning's default walks the batch with `apply_to_collection`, which refuses frozen dataclasses
-        (`Probe`) and would deep-copy every case with its images on each step. Cases hold only PIL
-        images and strings; the backbone builds tensors on its own device. It runs in the main
-        process, so a load error that a worker sent along as a marker is raised here, in one line.
-        """
-        raise_load_errors(batch)
-        return batch
 
     def case_ids(self) -> list[str]:
         """Every case id in dataset order: the order `cases.jsonl` is finally written in."""

@@ -19,13 +19,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
-import lightning as L
-import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from core.case import EditCase
-from datamodules.dataset import EditDataset, load_edit_dataset, raise_load_errors
-from datamodules.edit_datamodule import collate_cases
+from datamodules.case_batches import CaseDataModule, collate_cases
+from datamodules.dataset import EditDataset, load_edit_dataset
 from datamodules.formats import FORMATS, check_template
 from datamodules.images import DEFAULT_MAX_IMAGE_PIXELS
 from datamodules.sampler import ShardedBatchSampler
@@ -52,7 +50,7 @@ class EqualShardsBatchSampler(Sampler[list[int]]):
         return self.steps
 
 
-class EditorTrainData(L.LightningDataModule):
+class EditorTrainData(CaseDataModule):
     """Training and validation edit cases for `EditorTraining`.
 
     Args:
@@ -140,17 +138,11 @@ class EditorTrainData(L.LightningDataModule):
             root = hp.val_image_root if hp.val_image_root is not None else hp.image_root
             self.val_set = self._load(hp.val_file, root, hp.val_limit)
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
-
     def train_dataloader(self) -> DataLoader[list[EditCase]]:
         if self.train_set is None:
             self.setup("fit")
         assert self.train_set is not None
-        rank, world_size = self._rank_and_world()
+        rank, world_size = self.rank_and_world()
         # A DistributedSampler even in one process: a per-epoch shuffle from seed + epoch that
         # Lightning re-seeds through set_epoch and does not replace under DDP. Under DDP it pads the
         # last round with repeats, so every rank takes the same number of steps.
@@ -171,7 +163,7 @@ class EditorTrainData(L.LightningDataModule):
         if self.val_set is None:
             self.setup("validate")
         assert self.val_set is not None
-        rank, world_size = self._rank_and_world()
+        rank, world_size = self.rank_and_world()
         sampler = EqualShardsBatchSampler(len(self.val_set), self.hparams.val_batch_size, rank, world_size)
         return DataLoader(
             self.val_set,
@@ -179,15 +171,6 @@ class EditorTrainData(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             collate_fn=collate_cases,
         )
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Hand the cases over untouched (see `EditDataModule.transfer_batch_to_device`).
-
-        Cases hold PIL images and strings, which Lightning's default would try to walk and copy; the
-        backbone builds tensors on its own device. A load error a worker sent along is raised here.
-        """
-        raise_load_errors(batch)
-        return batch
 
     def describe(self) -> dict[str, Any]:
         """The loaded splits: files, formats, templates, counts and skips."""

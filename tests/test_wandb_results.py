@@ -19,12 +19,13 @@ def test_offline_run_folder_holds_the_case_table_and_images(tmp_path, monkeypatc
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("WANDB_MODE", "offline")
     results = tmp_path / "results"
-    edit.main(
+    wandb.finish()  # a run left open by an earlier test would be reused by the logger
+    cli = edit.main(
         ["test", "--config", str(ROOT / "configs" / "edit" / "ft_llm.yaml"),
          "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "wb"),
          "--model.editor.init_args.steps", "2", "--data.limit", "3", "--results_dir", str(results)]
     )  # fmt: skip
-    wandb.finish()  # what the end of the `edit.py` process does: the run record is flushed and closed
+    cli.trainer.logger.experiment.finish()  # what the end of the process does: the record is flushed
     (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     assert list(run_dir.glob("run-*.wandb")), "no offline run record"
     (table_file,) = (run_dir / "files" / "media" / "table").glob("cases_*.table.json")
