@@ -22,6 +22,7 @@ from typing import TypeVar
 import torch
 from PIL import Image
 from torch import nn
+from torch.func import functional_call
 
 from backbones.batching import IGNORE_INDEX, ProbeBatch, TeacherForced, answer_nll, teacher_forced_outputs
 from backbones.greedy_from_tf import eos_token_ids, greedy_altering_settings, greedy_tokens
@@ -374,6 +375,16 @@ class VLM(nn.Module, abc.ABC):
     # ----------------------------------------------------------------- forward passes
     def logits(self, batch: ProbeBatch, **forward_kwargs: object) -> torch.Tensor:
         return self.model(**batch.inputs, **forward_kwargs).logits
+
+    def logits_with(
+        self, batch: ProbeBatch, weights: dict[str, torch.Tensor], **forward_kwargs: object
+    ) -> torch.Tensor:
+        """`logits` with `weights` (parameter name -> tensor) in place of those parameters, nothing written.
+
+        What editors that learn to edit need: the loss of an edited model as a differentiable
+        function of the edited weights (`torch.func.functional_call`), the backbone left as it is.
+        """
+        return functional_call(self.model, weights, args=(), kwargs={**batch.inputs, **forward_kwargs}).logits
 
     def loss(self, probes: Sequence[Probe]) -> torch.Tensor:
         """Mean negative log-likelihood of the probes' answer tokens (what editors minimise)."""

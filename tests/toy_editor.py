@@ -5,7 +5,7 @@ with a learned (log) step size per output row of each weight: the "learned learn
 of MAML / Meta-SGD that MEND improves on. It has every part the `TrainableEditor` contract asks for,
 at a few hundred parameters: backbone-shaped parameters (`build`: one step size per row, so their
 shapes follow the backbone's FFN), an edit that restores bit for bit, and a training loss that
-differentiates through the edit without writing it (`torch.func.functional_call`).
+differentiates through the edit without writing it (`editors.meta_objectives`).
 """
 
 from __future__ import annotations
@@ -16,18 +16,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from backbones.base import VLM
-from backbones.batching import IGNORE_INDEX, answer_nll
 from backbones.training_loss import TrainingLoss
-from core.case import EditCase, Probe
+from core.case import EditCase
 from editors.base import ParameterSnapshot, WeightEditHandle
+from editors.meta_objectives import edit_term, locality_term
 from editors.trainable import TrainableEditor
 from editors.tuning import only_these_trainable
-
-#: Probe kinds whose answers the edit should produce (the edit term of the training loss).
-EDIT_KINDS = ("rel", "t_gen", "i_gen")
 
 
 def _key(name: str) -> str:
@@ -128,33 +124,10 @@ class LearnedStepEditor(TrainableEditor):
                 name: p.detach() - self.step(name, g)
                 for (name, p), g in zip(params.items(), grads, strict=True)
             }
-            edit_probes = _unique([*case.edits, *(p for k in EDIT_KINDS for p in case.probes.get(k, []))])
-            edit_terms.append(self._post_edit_nll(vlm, edited, edit_probes))
-            if case.locality_probes():
-                loc_terms.append(self._post_edit_kl(vlm, edited, case.locality_probes()))
+            edit_terms.append(edit_term(vlm, edited, case))
+            loc = locality_term(vlm, edited, case)
+            if loc is not None:
+                loc_terms.append(loc)
         loss_edit = torch.stack(edit_terms).mean()
         loss_loc = torch.stack(loc_terms).mean() if loc_terms else loss_edit.new_zeros(())
         return {"loss": loss_edit + self.loc_weight * loss_loc, "loss_edit": loss_edit, "loss_loc": loss_loc}
-
-    @staticmethod
-    def _post_edit_nll(vlm: VLM, edited: dict[str, torch.Tensor], probes: list[Probe]) -> torch.Tensor:
-        batch = vlm.build_batch(probes)
-        logits = functional_call(vlm.model, edited, args=(), kwargs=batch.inputs).logits
-        return answer_nll(logits, batch.labels)
-
-    @staticmethod
-    def _post_edit_kl(vlm: VLM, edited: dict[str, torch.Tensor], probes: list[Probe]) -> torch.Tensor:
-        """KL(unedited || edited) of the next-token distributions at the probes' answer positions."""
-        batch = vlm.build_batch(probes)
-        with torch.no_grad():
-            before = vlm.logits(batch)
-        after = functional_call(vlm.model, edited, args=(), kwargs=batch.inputs).logits
-        positions = batch.labels[:, 1:] != IGNORE_INDEX
-        log_p = before[:, :-1][positions].float().log_softmax(-1)
-        log_q = after[:, :-1][positions].float().log_softmax(-1)
-        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-
-
-def _unique(probes: list[Probe]) -> list[Probe]:
-    """The probes without repeats of the same object (the edit is also the first Rel probe)."""
-    return list({id(p): p for p in probes}.values())
