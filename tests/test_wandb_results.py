@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import wandb
 from PIL import Image, ImageChops
 
-import edit
 from datamodules.edit_datamodule import EditDataModule
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
 
 
-def test_offline_run_folder_holds_the_case_table_and_images(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_offline_run_folder_holds_the_case_table_and_images(tmp_path):
     results = tmp_path / "results"
-    wandb.finish()  # a run left open by an earlier test would be reused by the logger
-    cli = edit.main(
-        ["test", "--config", str(ROOT / "configs" / "edit" / "ft_llm.yaml"),
-         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "wb"),
-         "--model.editor.init_args.steps", "2", "--data.limit", "3", "--results_dir", str(results)]
-    )  # fmt: skip
-    cli.trainer.logger.experiment.finish()  # what the end of the process does: the record is flushed
+    # A process of its own, as a user runs it: its exit finishes the W&B run (flushing the record),
+    # and no run left open by another test in this process can be reused by the logger.
+    args = ["test", "--config", str(ROOT / "configs" / "edit" / "ft_llm.yaml"),
+            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "wb"),
+            "--model.editor.init_args.steps", "2", "--data.limit", "3", "--results_dir", str(results)]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    done = subprocess.run(
+        [sys.executable, "edit.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
     (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     assert list(run_dir.glob("run-*.wandb")), "no offline run record"
     (table_file,) = (run_dir / "files" / "media" / "table").glob("cases_*.table.json")
