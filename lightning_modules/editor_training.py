@@ -34,7 +34,7 @@ from editors.checkpoint import EditorCheckpointError, fingerprint_diff
 from editors.trainable import REQUIRED_LOSS_KEYS, TrainableEditor
 from lightning_modules.edit_loop import EditCounters, LoopSettings, Mode, OnBadRecord, edit_and_score
 from metrics.protocols import Protocol
-from metrics.scores import ScoreSet
+from metrics.scores import ScoreSet, average
 
 #: Where the backbone's fingerprint is kept in a Lightning `.ckpt` of this module.
 CKPT_BACKBONE_KEY = "editor_backbone_fingerprint"
@@ -59,6 +59,7 @@ class EditorTraining(pl.LightningModule):
         max_hops: portability is also reported per hop up to this count.
         on_bad_record: a validation case whose probe does not fit the model ends the run (`error`)
             or is skipped (`skip`), as the data module's setting.
+        torch_threads: intra-op threads (None: torch's default).
     """
 
     def __init__(
@@ -74,8 +75,13 @@ class EditorTraining(pl.LightningModule):
         generation: bool = False,
         max_hops: int = 4,
         on_bad_record: OnBadRecord = "error",
+        torch_threads: int | None = None,
     ) -> None:
         super().__init__()
+        if torch_threads is not None:
+            # On 2 shared cores a second intra-op thread spins against other jobs (MEND's training
+            # ran 25x slower with torch's default of two threads on a loaded machine).
+            torch.set_num_threads(torch_threads)
         if not lr > 0:
             raise ValueError(f"EditorTraining: lr must be > 0, got {lr}")
         if weight_decay < 0:
@@ -174,6 +180,7 @@ class EditorTraining(pl.LightningModule):
         # generation twins with `generation: false`) are not logged.
         scores = self.val_scores.compute()
         self.val_scores.reset()
+        scores["avg"] = average(scores)  # mean of Rel, T-Gen, I-Gen, T-Loc, I-Loc, as test/avg
         for key, value in scores.items():
             if not math.isnan(value):
                 # The values are already synced and equal; sync_dist only keeps every rank's logged
