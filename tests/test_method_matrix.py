@@ -15,6 +15,7 @@ from tiny_families import FAMILIES
 
 from datamodules.edit_datamodule import EditDataModule
 from editors import IKE, FineTune
+from editors.ke import KnowledgeEditor
 from editors.mend import MEND
 from lightning_modules.edit_cli import edit_trainer
 from lightning_modules.edit_eval import EditEval
@@ -29,6 +30,8 @@ def make_editor(method: str):
         return FineTune(["ffn:-1"], lr=1e-2, steps=2, name="ft_llm")
     if method == "ft_vis":
         return FineTune(["projector"], lr=1e-2, steps=2, name="ft_vis")
+    if method == "ke":
+        return KnowledgeEditor(init_lr=0.1)
     if method == "mend":
         return MEND(targets=["ffn:-2", "ffn:-1"], rank=8, edit_lr=1e-2, input_clip=5.0, anchored=True)
     return IKE(train_file=str(SAMPLE / "mmedit" / "vqa_train.json"), image_root=IMAGES, k=3, max_records=6)
@@ -40,7 +43,7 @@ def family(request):
 
 
 @pytest.mark.parametrize("mode", ["one_step", "sequential"])
-@pytest.mark.parametrize("method", ["ft_llm", "ft_vis", "ike", "mend"])
+@pytest.mark.parametrize("method", ["ft_llm", "ft_vis", "ike", "ke", "mend"])
 def test_method_runs_on_family(family, method, mode, tmp_path):
     name, vlm = family
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
