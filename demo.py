@@ -28,7 +28,10 @@ from reporting.report import write_report
 from world.build import build_world
 from world.config import load_world_config
 
-METHODS = ("ft_llm", "ft_vis", "ike")
+METHODS = ("ft_llm", "ft_vis", "ike", "mend", "ke", "serac")
+#: Methods whose trained editor checkpoints (checkpoints/editors/*_world_<family>.safetensors) exist
+#: only for the LLaVA-style world backbone; other families run the untrained methods.
+TRAINED = {"mend": "llava", "ke": "llava", "serac": "llava"}
 FAMILIES = ("llava", "blip2")
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> str:
     build_world(load_world_config(CONFIGS / "world" / "demo.yaml"), ROOT / "data" / "world" / "demo")
     ensure_backbone(args.family, args.retrain)
     rows = []
-    for method in args.methods:
+    methods = [m for m in args.methods if TRAINED.get(m, args.family) == args.family]
+    for method in methods:
         results = Path(args.out) / args.family / method
         if args.fresh or args.retrain:
             shutil.rmtree(results, ignore_errors=True)
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> str:
     print(f"\nworld demo, {args.family}-style backbone ({time.perf_counter() - start:.0f}s)\n{table}")
     report = Path(args.out) / args.family / "report"
     written = write_report(
-        [read_row(Path(args.out) / args.family / m / "summary.json", m) for m in args.methods], report
+        [read_row(Path(args.out) / args.family / m / "summary.json", m) for m in methods], report
     )
     print("plots and tables: " + ", ".join(str(p) for p in written))
     return table
