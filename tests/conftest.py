@@ -51,3 +51,42 @@ def tiny_llava():
 @pytest.fixture
 def cases():
     return [make_case(i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (trained-editor modules use it through `pytestmark`).
+
+    Tiny models gain nothing from a second thread, and on a shared 2-core machine two threads spin
+    against each other (and against other test processes).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    """A tiny LLaVA with frozen weights, shared by a module's tests (a module may define its own `vlm`)."""
+    from backbones import LlavaVLM, TinySpec
+
+    model = LlavaVLM(tiny=TinySpec())
+    model.requires_grad_(False)
+    return model
+
+
+def state_copy(vlm) -> dict:
+    """A copy of every tensor of the backbone, to compare with after an edit."""
+    return {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}
+
+
+def changed(vlm, before: dict) -> list[str]:
+    """Names of the backbone's tensors that differ from `before`, bit for bit."""
+    import torch
+
+    after = vlm.model.state_dict()
+    assert after.keys() == before.keys()
+    return [k for k in before if not torch.equal(before[k], after[k])]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_case
+from conftest import changed, make_case, state_copy
 from tiny_families import FAMILIES
 
 import edit
@@ -29,34 +29,9 @@ from lightning_modules.edit_eval import EditEval
 from train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Tiny models: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 SAMPLE = ROOT / "data" / "sample"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two intra-op threads on a shared 2-core machine spin against each other; these models are far
-    # too small to gain from the second one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def vlm() -> LlavaVLM:
-    model = LlavaVLM(tiny=TinySpec())
-    model.requires_grad_(False)
-    return model
-
-
-def state_copy(vlm) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}
-
-
-def changed(vlm, before: dict[str, torch.Tensor]) -> list[str]:
-    after = vlm.model.state_dict()
-    assert after.keys() == before.keys()
-    return [k for k in before if not torch.equal(before[k], after[k])]
 
 
 # ----------------------------------------------------------------- the networks

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_case
+from conftest import changed, make_case, state_copy
 from tiny_families import FAMILIES
 
 import edit
@@ -26,32 +26,8 @@ from world.build import build_world
 from world.config import load_world_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are far too small to gain from a second intra-op thread on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def vlm() -> LlavaVLM:
-    model = LlavaVLM(tiny=TinySpec())
-    model.requires_grad_(False)
-    return model
-
-
-def state_copy(vlm) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}
-
-
-def changed(vlm, before: dict[str, torch.Tensor]) -> list[str]:
-    after = vlm.model.state_dict()
-    assert after.keys() == before.keys()
-    return [k for k in before if not torch.equal(before[k], after[k])]
+#: Tiny models: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_factors_are_the_fine_tuning_gradient(vlm):

@@ -28,21 +28,8 @@ from editors.serac_scope import ScopeFeatures, scope_features
 from editors.serac_scope_report import scope_report
 from lightning_modules.edit_loop import LoopSettings, edit_and_score
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are far too small to gain from a second thread on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def vlm() -> LlavaVLM:
-    model = LlavaVLM(tiny=TinySpec())
-    model.requires_grad_(False)
-    return model
+#: Tiny models: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cases_with_distinct_edits(n: int) -> list[EditCase]:

@@ -28,20 +28,13 @@ from world.backbones import WorldLlavaVLM, WorldSpec
 from world.build import build_world
 from world.config import load_world_config
 
+#: Tiny models: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = {"hidden_size": 32, "num_layers": 2, "vision_hidden_size": 32, "vision_layers": 1, "num_heads": 2}
 #: The same backbone but wider: what the exported checkpoint must be refused for.
 OTHER_SPEC = {**SPEC, "hidden_size": 48}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two intra-op threads on a shared 2-core machine spin against each other (and against other
-    # test processes); these models are far too small to gain from a second thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
