@@ -31,6 +31,12 @@ TRAIN_TRAINER_DEFAULTS: dict[str, Any] = {
 
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
+#: `--trainer.strategy ddp` trains with this instead. A trainable editor may hold parameters that a
+#: step's loss does not use (KE's Lagrange multiplier under a weighted objective, a part trained only
+#: on some batches); torch's DDP reducer stops at the second step when a parameter gets no gradient,
+#: so DDP must look for unused ones. Its cost is one graph walk per step, small next to an edit.
+DDP_FOR_EDITORS = "ddp_find_unused_parameters_true"
+
 
 class TrainCLI(LabCLI):
     """`train.py`: any LightningModule and LightningDataModule named in the YAML, base config first."""
@@ -46,6 +52,12 @@ class TrainCLI(LabCLI):
                 save_config_kwargs={"overwrite": True},
                 parser_kwargs=_parser_kwargs(run),
             )
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.strategy == "ddp":
+            config.trainer.strategy = DDP_FOR_EDITORS
 
 
 def _parser_kwargs(run: bool) -> dict[str, Any]:
