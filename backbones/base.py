@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from backbones.batching import IGNORE_INDEX, ProbeBatch, TeacherForced, answer_nll, teacher_forced_outputs
 from backbones.greedy_from_tf import eos_token_ids, greedy_altering_settings, greedy_tokens
+from backbones.layer_parts import AttentionParts, FfnPorts, attention_parts, ffn_ports
 from backbones.prefix_cache import shared_teacher_forced
 from backbones.training_loss import TrainingLoss
 from core.case import Probe
@@ -144,6 +145,14 @@ class VLM(nn.Module, abc.ABC):
     def ffn_members(self, layer: int) -> list[nn.Module | nn.Parameter]:
         """What the parameter group `ffn:<layer>` holds; override where the FFN is not one submodule (OPT)."""
         return [self.ffn(layer)]
+
+    def attention_parts(self, layer: int) -> AttentionParts:
+        """Language layer `layer`'s self-attention module and projections (`backbones/layer_parts.py`)."""
+        return attention_parts(self.language_layers()[layer])
+
+    def ffn_ports(self, layer: int) -> FfnPorts:
+        """Where language layer `layer`'s FFN takes its input q and gives its output (added neurons hook here)."""
+        return ffn_ports(self.language_layers()[layer])
 
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
