@@ -20,6 +20,7 @@ from callbacks.run_identity import RunMismatchError
 from datamodules.images import ImageLoadError
 from datamodules.records import BadRecordError
 from editors.checkpoint import EditorCheckpointError
+from knowledge.store import KnowledgeStoreError
 
 
 class OptionValueError(ValueError):
@@ -37,6 +38,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     RunMismatchError,
     CaseLogError,
     OptionValueError,
+    KnowledgeStoreError,
 )
 #: The exit status of a run refused for bad input (argparse uses 2 for bad arguments, too).
 USER_ERROR_EXIT_CODE = 2

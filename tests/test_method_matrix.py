@@ -18,6 +18,7 @@ from editors import IKE, FineTune
 from editors.ke import KnowledgeEditor
 from editors.mend import MEND
 from editors.serac import SERAC
+from editors.tpatcher import TPatcher
 from lightning_modules.edit_cli import edit_trainer
 from lightning_modules.edit_eval import EditEval
 
@@ -35,6 +36,9 @@ def make_editor(method: str):
         return KnowledgeEditor(init_lr=0.1)
     if method == "serac":
         return SERAC(cf_layers=1)
+    if method == "tpatcher":
+        memory = str(SAMPLE / "mmedit" / "vqa_train.json")
+        return TPatcher(memory_file=memory, image_root=IMAGES, max_records=4, lr=0.1, steps=3)
     if method == "mend":
         return MEND(targets=["ffn:-2", "ffn:-1"], rank=8, edit_lr=1e-2, input_clip=5.0, anchored=True)
     return IKE(train_file=str(SAMPLE / "mmedit" / "vqa_train.json"), image_root=IMAGES, k=3, max_records=6)
@@ -46,7 +50,7 @@ def family(request):
 
 
 @pytest.mark.parametrize("mode", ["one_step", "sequential"])
-@pytest.mark.parametrize("method", ["ft_llm", "ft_vis", "ike", "ke", "mend", "serac"])
+@pytest.mark.parametrize("method", ["ft_llm", "ft_vis", "ike", "ke", "mend", "serac", "tpatcher"])
 def test_method_runs_on_family(family, method, mode, tmp_path):
     name, vlm = family
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
