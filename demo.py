@@ -28,10 +28,13 @@ from reporting.report import write_report
 from world.build import build_world
 from world.config import load_world_config
 
-METHODS = ("ft_llm", "ft_vis", "ike", "mend", "ke", "serac")
-#: Methods whose trained editor checkpoints (checkpoints/editors/*_world_<family>.safetensors) exist
-#: only for the LLaVA-style world backbone; other families run the untrained methods.
-TRAINED = {"mend": "llava", "ke": "llava", "serac": "llava"}
+METHODS = ("ft_llm", "ft_vis", "ike", "mend", "ke", "serac", "tpatcher", "unike")
+#: Methods whose trained editor checkpoints (checkpoints/editors/*_world_<family>.safetensors,
+#: checkpoints/unike/encoders_world_<family>.safetensors) exist only for the LLaVA-style world
+#: backbone; other families run the untrained methods.
+TRAINED = {"mend": "llava", "ke": "llava", "serac": "llava", "unike": "llava"}
+#: Methods whose memory of unrelated inputs comes from the world's training split.
+TRAIN_MEMORY = ("tpatcher", "unike")
 FAMILIES = ("llava", "blip2")
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
@@ -53,6 +56,14 @@ def run_method(method: str, family: str, results: Path) -> dict:
     configs = [CONFIGS / "edit" / f"{method}.yaml", CONFIGS / "edit" / "world" / f"{family}.yaml"]
     if method == "ike":
         configs.append(CONFIGS / "edit" / "world" / "ike_pool.yaml")
+    if method in TRAIN_MEMORY:
+        configs.append(CONFIGS / "edit" / "world" / "train_memory.yaml")
+    if method == "unike":
+        # UniKE's knowledge: the backbone's wrong answers mined as triplets and their states (cached
+        # in data/unike/world_<family>: about 1.5 minutes the first time, seconds after).
+        from knowledge.mine import main as mine
+
+        mine(["--config", str(CONFIGS / "knowledge" / f"world_{family}.yaml")])
     args = ["test", *(a for c in configs for a in ("--config", str(c)))]
     edit.main([*args, "--trainer.logger", "false", "--results_dir", str(results)])
     return json.loads((results / "summary.json").read_text())

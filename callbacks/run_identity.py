@@ -10,12 +10,13 @@ limit is not part of it: a rerun over a subset (or a superset) of the same data 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+
+from core.files import file_sha256
 
 #: Bump when a change to scoring makes earlier per-case results incomparable with new ones.
 SCORING_VERSION = 1
@@ -49,14 +50,6 @@ class RunMismatchError(ValueError):
     """A results folder holds results of another run (another editor, backbone, data or settings)."""
 
 
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_identity(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, Any]:
     """The identity of the run `trainer` is about to test with `module` (JSON-serialisable)."""
     hparams = module.hparams
@@ -66,7 +59,7 @@ def run_identity(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, A
         for part in datamodule.describe().get("datasets", []):
             keep = ("file", "image_root", "format", "port_style", "prompt_template", "loc_image_template")
             entry = {k: part.get(k) for k in keep}
-            entry["sha256"] = file_digest(part["file"]) if Path(str(part["file"])).is_file() else None
+            entry["sha256"] = file_sha256(part["file"]) if Path(str(part["file"])).is_file() else None
             datasets.append(entry)
     identity: dict[str, Any] = {
         "scoring_version": SCORING_VERSION,

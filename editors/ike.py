@@ -24,6 +24,7 @@ from backbones.base import VLM
 from core.case import ContextItem, EditCase, Probe
 from editors.base import EditHandle, Editor
 from editors.ike_pool import DemoFormats, Demonstration, build_pool, retrieval_key
+from editors.training_split import read_training_cases
 
 
 class IKE(Editor):
@@ -109,10 +110,7 @@ class IKE(Editor):
         if self._pool_cases is not None:
             cases = self._pool_cases
         elif self.train_file is not None:
-            # Imported here so that editors never pull in the data stack unless a file is read.
-            from datamodules.dataset import load_edit_dataset
-
-            dataset = load_edit_dataset(
+            cases = read_training_cases(
                 self.train_file,
                 self.image_root,
                 format=self.format,
@@ -120,7 +118,6 @@ class IKE(Editor):
                 on_bad_record=self.on_bad_record,
                 limit=self.max_records,
             )
-            cases = [dataset[i] for i in range(len(dataset))]
         else:
             raise ValueError(
                 "IKE: give train_file (the training split to draw demonstrations from) or use IKE.from_cases"

@@ -55,6 +55,7 @@ from backbones.frozen_vision import reuse_frozen_outputs
 from core.case import EditCase, Probe
 from editors.added_neurons import ACTIVATIONS, NeuronPatch, PatchHandle, capture_ffn_inputs, ffn_width
 from editors.base import EditHandle, Editor
+from editors.training_split import read_training_cases
 from editors.tuning import only_these_trainable
 
 PatchDtype = Literal["float32", "model"]
@@ -242,10 +243,7 @@ class TPatcher(Editor):
         if self._memory_cases is not None:
             cases = self._memory_cases
         elif self.memory_file is not None:
-            # Imported here so that editors never pull in the data stack unless a file is read.
-            from datamodules.dataset import load_edit_dataset
-
-            dataset = load_edit_dataset(
+            cases = read_training_cases(
                 self.memory_file,
                 self.image_root,
                 format=self.format,
@@ -254,7 +252,6 @@ class TPatcher(Editor):
                 on_bad_record=self.on_bad_record,
                 limit=self.max_records,
             )
-            cases = [dataset[i] for i in range(len(dataset))]
         else:
             raise ValueError(
                 "TPatcher: give memory_file (a training split whose inputs the patches must stay "

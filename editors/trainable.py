@@ -33,7 +33,6 @@ neither Lightning nor torch's training path calls it, and `apply_to_modules(fn)`
 from __future__ import annotations
 
 import abc
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from torch import nn
 
 from backbones.base import VLM
 from core.case import EditCase
+from core.files import file_sha256
 from editors.base import Editor
 from editors.checkpoint import EditorCheckpointError, load_editor_checkpoint, save_editor_checkpoint
 
@@ -195,9 +195,5 @@ def _file_sha256(path: str | os.PathLike[str] | None) -> str | None:
     stat = Path(path).stat()
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()
+        _DIGESTS[key] = file_sha256(path)
     return _DIGESTS[key]

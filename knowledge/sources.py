@@ -25,8 +25,9 @@ from typing import Any
 
 from PIL import Image
 
+from core.files import file_sha256
 from datamodules.dataset import load_edit_dataset
-from knowledge.store import KnowledgeOptionError, file_sha256
+from knowledge.store import KnowledgeOptionError
 from world.backbones import load_world
 from world.generate import SPLITS
 from world.probes import withheld_qas

@@ -63,14 +63,6 @@ def digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def file_sha256(path: str | Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def read_key(folder: Path) -> dict[str, Any] | None:
     """The key a dataset folder was written with, None when the folder holds no finished dataset."""
     path = folder / KEY_FILE
