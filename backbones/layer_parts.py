@@ -37,10 +37,14 @@ class FfnPorts:
 
     `input_module`'s first input is the FFN's input q (the normed residual); `output_module`'s output
     is the FFN's output before the residual add. A Llama-style `mlp` is both; OPT's are fc1 and fc2.
+    `value_linear` is the FFN's last projection (`down_proj`, OPT's `fc2`): its input is the hidden
+    activation (the "keys" of locate-then-edit methods, the "neurons" of knowledge-neuron methods)
+    and each column of its weight is the value vector one hidden unit writes into the residual.
     """
 
     input_module: nn.Module
     output_module: nn.Module
+    value_linear: nn.Linear
 
 
 def attention_parts(layer: nn.Module) -> AttentionParts:
@@ -75,8 +79,13 @@ def ffn_ports(layer: nn.Module) -> FfnPorts:
     """The feed-forward block's input and output hook points of one decoder layer."""
     mlp = getattr(layer, "mlp", None)
     if mlp is not None:
-        return FfnPorts(mlp, mlp)
+        down = getattr(mlp, "down_proj", None) or getattr(mlp, "fc2", None)
+        if not isinstance(down, nn.Linear):
+            raise ValueError(
+                f"{type(mlp).__name__} has no down_proj or fc2 Linear: its value vectors cannot be located"
+            )
+        return FfnPorts(mlp, mlp, down)
     fc1, fc2 = getattr(layer, "fc1", None), getattr(layer, "fc2", None)
-    if fc1 is not None and fc2 is not None:
-        return FfnPorts(fc1, fc2)
+    if fc1 is not None and isinstance(fc2, nn.Linear):
+        return FfnPorts(fc1, fc2, fc2)
     raise ValueError(f"{type(layer).__name__} has neither an mlp nor fc1/fc2: its FFN cannot be located")
