@@ -28,6 +28,7 @@ from backbones.batching import IGNORE_INDEX, ProbeBatch, TeacherForced, answer_n
 from backbones.greedy_from_tf import eos_token_ids, greedy_altering_settings, greedy_tokens
 from backbones.layer_parts import AttentionParts, FfnPorts, attention_parts, ffn_ports
 from backbones.prefix_cache import shared_teacher_forced
+from backbones.token_groups import TokenGroups, token_groups
 from backbones.training_loss import TrainingLoss
 from core.case import Probe
 
@@ -517,6 +518,10 @@ class VLM(nn.Module, abc.ABC):
         for i, answer in zip(todo, decoded, strict=True):
             answers[i] = answer
         return answers  # type: ignore[return-value]
+
+    def token_groups(self, batch: ProbeBatch) -> list[TokenGroups]:
+        """Each row's image, prefix and question positions and last prompt token (`backbones/token_groups.py`)."""
+        return token_groups(batch, self.tokenizer.convert_tokens_to_ids(self.image_token))
 
     @torch.inference_mode()
     def embed(self, probes: Sequence[Probe]) -> torch.Tensor:
