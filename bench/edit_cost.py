@@ -8,7 +8,7 @@ time (apply, then restore), and reports the mean edit time, that time as a multi
 pass over the case's edit prompt (the unit in which per-edit costs compare across model sizes), and
 the peak memory the editing added on top of the loaded model: resident memory on a CPU,
 `torch.cuda.max_memory_allocated` on a GPU. The published per-edit times of MEND, KE and SERAC on
-LLMs (MEND, KE, SERAC, T-Patcher) are printed beside them for reference (they were measured on other
+LLMs (MEND, KE, SERAC, T-Patcher, KN, CaliNet) are printed beside them for reference (they were measured on other
 models and hardware).
 """
 
@@ -29,7 +29,14 @@ METHODS = ("ft_llm", "ft_vis", "ike")
 #: Published per-edit times on LLMs (seconds), for reference only.
 #: (The editing tutorial among the seeds, its CounterFact column; T-Patcher's is for a sequence
 #: of edits with its step budget up to 2000; UniKE publishes no time, "a matter of seconds".)
-PUBLISHED_EDIT_S = {"mend": 0.51, "ke": 2.20, "serac": 5.31, "tpatcher": 1864.74}
+PUBLISHED_EDIT_S = {
+    "mend": 0.51,
+    "ke": 2.20,
+    "serac": 5.31,
+    "tpatcher": 1864.74,
+    "kn": 225.43,
+    "calinet": 1.88,
+}
 
 
 def _rss_mib() -> float:

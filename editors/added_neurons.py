@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -29,6 +30,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from backbones.base import VLM
+from backbones.batching import ProbeBatch
+from backbones.frozen_prefix import PrefixCachedLoss
+from backbones.frozen_vision import reuse_frozen_outputs
+from core.case import Probe
 
 #: The activations a patch may use (name -> function applied to the key scores).
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -260,3 +265,29 @@ def capture_ffn_inputs(vlm: VLM, layers: Sequence[int]) -> Iterator[dict[int, Te
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def patch_training_loss(
+    vlm: VLM, probes: Sequence[Probe], batch: ProbeBatch, first_layer: int, stack: ExitStack
+) -> tuple[Callable[[], Tensor], PrefixCachedLoss | None]:
+    """The probes' answer NLL as a closure for training patches on layers from `first_layer` up.
+
+    Building it runs the whole model once (with the patches attached at that moment). Per call only
+    the layers from `first_layer` and the final modules run where that is exact
+    (`backbones/frozen_prefix.PrefixCachedLoss`, which checks its first loss against the full
+    forward); otherwise the whole model runs, with the vision tower and projector answering from
+    their first output. Returns the closure and the replay (None without one); `stack` keeps the
+    frozen-output reuse alive for as long as the closure is used.
+    """
+    if vlm.final_modules() is not None:
+        cached = PrefixCachedLoss(vlm, probes, first_layer)
+        if cached.cached:
+            # The first replayed layer's frozen parts (attention, norms, the FFN itself; the
+            # patch's hooks still run around it) get the same inputs at every step.
+            stack.enter_context(reuse_frozen_outputs(list(cached.layers[0].children())))
+            return cached, cached
+    else:
+        vlm.model(**batch.inputs, use_cache=False)  # the forward callers read FFN inputs from
+    # The vision tower and projector still see the same pixels at every step.
+    stack.enter_context(reuse_frozen_outputs(vlm.vision_modules() + vlm.projector_modules()))
+    return (lambda: vlm.batch_loss(batch)), None

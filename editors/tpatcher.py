@@ -51,9 +51,15 @@ from torch import Tensor
 from backbones.base import VLM
 from backbones.batching import ProbeBatch
 from backbones.frozen_prefix import PrefixCachedLoss
-from backbones.frozen_vision import reuse_frozen_outputs
 from core.case import EditCase, Probe
-from editors.added_neurons import ACTIVATIONS, NeuronPatch, PatchHandle, capture_ffn_inputs, ffn_width
+from editors.added_neurons import (
+    ACTIVATIONS,
+    NeuronPatch,
+    PatchHandle,
+    capture_ffn_inputs,
+    ffn_width,
+    patch_training_loss,
+)
 from editors.base import EditHandle, Editor
 from editors.training_split import read_training_cases
 from editors.tuning import only_these_trainable
@@ -475,22 +481,8 @@ class TPatcher(Editor):
     def _edit_loss(
         self, vlm: VLM, probes: Sequence[Probe], batch: ProbeBatch, first_layer: int, stack: ExitStack
     ) -> tuple[Callable[[], Tensor], PrefixCachedLoss | None]:
-        """The edit's answer NLL as a closure (and its replay, if any); building it runs the whole model once.
-
-        Per step only the layers from `first_layer` and the final modules run where that is exact.
-        """
-        if vlm.final_modules() is not None:
-            cached = PrefixCachedLoss(vlm, probes, first_layer)
-            if cached.cached:
-                # The first replayed layer's frozen parts (attention, norms, the FFN itself; the
-                # patch's hooks still run around it) get the same inputs at every step.
-                stack.enter_context(reuse_frozen_outputs(list(cached.layers[0].children())))
-                return cached, cached
-        else:
-            vlm.model(**batch.inputs, use_cache=False)  # the forward the FFN inputs are read from
-        # The vision tower and projector still see the same pixels at every step.
-        stack.enter_context(reuse_frozen_outputs(vlm.vision_modules() + vlm.projector_modules()))
-        return (lambda: vlm.batch_loss(batch)), None
+        """The edit's answer NLL as a closure (and its replay, if any); building it runs the whole model once."""
+        return patch_training_loss(vlm, probes, batch, first_layer, stack)
 
 
 class PatchEditHandle(EditHandle):

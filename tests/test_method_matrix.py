@@ -15,7 +15,9 @@ from tiny_families import FAMILIES
 
 from datamodules.edit_datamodule import EditDataModule
 from editors import IKE, FineTune
+from editors.calinet import CaliNet
 from editors.ke import KnowledgeEditor
+from editors.kn import KnowledgeNeurons
 from editors.mend import MEND
 from editors.serac import SERAC
 from editors.tpatcher import TPatcher
@@ -39,6 +41,10 @@ def make_editor(method: str):
     if method == "tpatcher":
         memory = str(SAMPLE / "mmedit" / "vqa_train.json")
         return TPatcher(memory_file=memory, image_root=IMAGES, max_records=4, lr=0.1, steps=3)
+    if method == "kn":
+        return KnowledgeNeurons(steps=4)
+    if method == "calinet":
+        return CaliNet(n_slots=8, lr=0.05, steps=3)
     if method == "mend":
         return MEND(targets=["ffn:-2", "ffn:-1"], rank=8, edit_lr=1e-2, input_clip=5.0, anchored=True)
     return IKE(train_file=str(SAMPLE / "mmedit" / "vqa_train.json"), image_root=IMAGES, k=3, max_records=6)
@@ -50,7 +56,9 @@ def family(request):
 
 
 @pytest.mark.parametrize("mode", ["one_step", "sequential"])
-@pytest.mark.parametrize("method", ["ft_llm", "ft_vis", "ike", "ke", "mend", "serac", "tpatcher"])
+@pytest.mark.parametrize(
+    "method", ["ft_llm", "ft_vis", "ike", "ke", "mend", "serac", "tpatcher", "kn", "calinet"]
+)
 def test_method_runs_on_family(family, method, mode, tmp_path):
     name, vlm = family
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}

@@ -149,22 +149,29 @@ class CausalTracer:
     @torch.no_grad()
     def trace(self, probe: Probe) -> ProbeTrace:
         """The probe's clean, corrupted and restored probabilities of its answer's first token."""
+        groups = self.vlm.token_groups(self.vlm.build_batch([probe]))[0]
+        rows, cells = self._restorations(groups)
+        clean, corrupted, restored = self.run(probe, rows)
+        return ProbeTrace(clean, corrupted, self._table(cells, restored), self.groups)
+
+    @torch.no_grad()
+    def run(self, probe: Probe, rows: Sequence[Restoration]) -> tuple[float, float, Tensor]:
+        """p(answer's first token): clean, corrupted, and with each of `rows` restored ([len(rows)]),
+        the corrupted ones averaged over the noise draws."""
         if self.input_std is None:
             self.calibrate([probe])
         batch = self.vlm.build_batch([probe])
         groups = self.vlm.token_groups(batch)[0]
-        corrupted_group = groups.positions(CORRUPTED_GROUP[self.corruption])
-        if not corrupted_group:
+        if not groups.positions(CORRUPTED_GROUP[self.corruption]):
             raise ValueError(
                 f"probe {probe.prompt!r} has no {CORRUPTED_GROUP[self.corruption]} tokens to corrupt"
             )
         answer = int(batch.inputs["input_ids"][0, groups.last + 1])
         clean_states = self._clean_states(batch)
         clean = self._answer_prob(self.vlm.model(**batch.inputs, use_cache=False).logits, groups.last, answer)
-        rows, cells = self._restorations(groups)
         # The passes' batches are built once per probe (tokens and pixels do not change between draws).
         per_pass = self.max_rows - 1
-        chunks = [rows[i : i + per_pass] for i in range(0, len(rows), per_pass)]
+        chunks = [list(rows[i : i + per_pass]) for i in range(0, len(rows), per_pass)] or [[]]
         batches = {n: self.vlm.build_batch([probe] * (n + 1)) for n in {len(c) for c in chunks}}
         passes = [(chunk, batches[len(chunk)]) for chunk in chunks]
         totals = torch.zeros(len(rows))
@@ -174,8 +181,7 @@ class CausalTracer:
             probs = self._restored(passes, clean_states, corrupted_input, groups.last, answer)
             corrupted_total += probs[0].item()
             totals += probs[1:]
-        restored = self._table(cells, totals / self.samples)
-        return ProbeTrace(float(clean[0]), corrupted_total / self.samples, restored, self.groups)
+        return float(clean[0]), corrupted_total / self.samples, totals / self.samples
 
     def _restorations(self, groups: TokenGroups) -> tuple[list[Restoration], list[tuple[str, int, int]]]:
         """Every restoration row and its (kind, group index, column) cell; empty groups get none."""
@@ -273,8 +279,7 @@ class CausalTracer:
                 )
             baseline = probs[:1] if baseline is None else baseline
             out.append(probs[1:])
-        if baseline is None:
-            raise ValueError("CausalTracer: no restoration to run (every group is empty)")
+        assert baseline is not None  # `run` always makes at least one pass
         return torch.cat([baseline, *out])
 
     @contextlib.contextmanager
