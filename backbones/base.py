@@ -17,6 +17,7 @@ import abc
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import torch
@@ -24,7 +25,16 @@ from PIL import Image
 from torch import nn
 from torch.func import functional_call
 
-from backbones.batching import IGNORE_INDEX, ProbeBatch, TeacherForced, answer_nll, teacher_forced_outputs
+from backbones.batching import (
+    IGNORE_INDEX,
+    ProbeBatch,
+    TeacherForced,
+    answer_nll,
+    last_image_positions,
+    prompt_end_positions,
+    row_tokens,
+    teacher_forced_outputs,
+)
 from backbones.greedy_from_tf import eos_token_ids, greedy_altering_settings, greedy_tokens
 from backbones.layer_parts import AttentionParts, FfnPorts, attention_parts, ffn_ports
 from backbones.prefix_cache import shared_teacher_forced
@@ -33,6 +43,9 @@ from backbones.training_loss import TrainingLoss
 from core.case import Probe
 
 T = TypeVar("T")
+
+#: Where a locate-then-edit method reads a fact's key in a probe's row (`VLM.key_positions`).
+KEY_POSITIONS: tuple[str, ...] = ("image", "question", "prompt_end", "span")
 
 
 class PromptTooLongError(ValueError):
@@ -381,6 +394,69 @@ class VLM(nn.Module, abc.ABC):
         for k, v in image_inputs.items():
             inputs[k] = v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device)
         return ProbeBatch(inputs, labels.to(device), spans, [len(r) for r in rows], left)
+
+    def key_positions(
+        self, probes: Sequence[Probe], batch: ProbeBatch, where: str, span: str | None = None
+    ) -> list[int]:
+        """One position per row of `batch` (built from `probes`): where a fact's key is read.
+
+        `where`: "image", the last image token (the pictured subject, as ROME's last subject token);
+        "question", the last token of the probe's own question text (before the family's template
+        closes the turn); "prompt_end", the last prompt position (it predicts the first answer
+        token); "span", the last token of the first occurrence of `span` in the question text.
+        """
+        if where not in KEY_POSITIONS:
+            raise ValueError(f"key position must be one of {KEY_POSITIONS}, got {where!r}")
+        if where == "image":
+            return last_image_positions(batch, self.tokenizer.convert_tokens_to_ids(self.image_token))
+        if where == "prompt_end":
+            return prompt_end_positions(batch)
+        positions = []
+        for row, probe in enumerate(probes):
+            if where == "question":
+                end = len(probe.prompt)
+            else:
+                if not span:
+                    raise ValueError('key position "span" needs the span text (span is empty)')
+                start = probe.prompt.find(span)
+                if start < 0:
+                    raise ValueError(f"span {span!r} does not occur in the question {probe.prompt!r}")
+                end = start + len(span)
+            offset, ids = row_tokens(batch, row)
+            positions.append(offset + self.text_end_position(probe, ids, end))
+        return positions
+
+    def text_end_position(self, probe: Probe, row_ids: Sequence[int], end: int) -> int:
+        """Index in a probe's row (ids without padding) of the token that ends at character `end` of its question.
+
+        The row's text is re-encoded up to that character, piece by piece as `build_batch` encodes it
+        (image runs copied from the row), and must be a prefix of the row: a span that ends inside
+        a token (a word-piece merge across its end) is refused rather than placed approximately.
+        """
+        if not 0 < end <= len(probe.prompt):
+            raise ValueError(f"character {end} is not inside the question {probe.prompt!r}")
+        text, _ = self.render_prompt(replace(probe, prompt=probe.prompt[:end]))
+        closing = self.prompt_format.split("{content}", 1)[1]
+        text = text[: len(text) - len(closing)] if closing else text
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        runs: list[int] = []
+        for i, token in enumerate(row_ids):
+            if token == image_id:
+                if i and row_ids[i - 1] == image_id:
+                    runs[-1] += 1
+                else:
+                    runs.append(1)
+        ids: list[int] = []
+        for j, piece in enumerate(text.split(self.image_token)):
+            if j > 0:
+                ids.extend([image_id] * runs[j - 1])
+            ids.extend(self._encode_text(piece, first=j == 0))
+        if not ids or list(row_ids[: len(ids)]) != ids:
+            raise ValueError(
+                f"the question {probe.prompt!r} cut after character {end} ({probe.prompt[:end]!r}) does not "
+                "end at a token boundary of its row"
+            )
+        return len(ids) - 1
 
     # ----------------------------------------------------------------- forward passes
     def logits(self, batch: ProbeBatch, **forward_kwargs: object) -> torch.Tensor:

@@ -15,10 +15,13 @@ from tiny_families import FAMILIES
 
 from datamodules.edit_datamodule import EditDataModule
 from editors import IKE, FineTune
+from editors.alphaedit import AlphaEdit
 from editors.calinet import CaliNet
 from editors.ke import KnowledgeEditor
 from editors.kn import KnowledgeNeurons
+from editors.memit import MEMIT
 from editors.mend import MEND
+from editors.rome import ROME
 from editors.serac import SERAC
 from editors.tpatcher import TPatcher
 from lightning_modules.edit_cli import edit_trainer
@@ -45,6 +48,20 @@ def make_editor(method: str):
         return KnowledgeNeurons(steps=4)
     if method == "calinet":
         return CaliNet(n_slots=8, lr=0.05, steps=3)
+    if method in ("rome", "memit", "alphaedit"):
+        # Statistics from two training records, kept in memory (no cache folder in the matrix).
+        corpus = {
+            "memory_file": str(SAMPLE / "mmedit" / "vqa_train.json"),
+            "image_root": IMAGES,
+            "max_records": 2,
+            "stats_dir": None,
+            "steps": 3,
+        }
+        if method == "rome":
+            return ROME(layer=0, position="image", **corpus)
+        if method == "memit":
+            return MEMIT(layers=[0, 1], position="prompt_end", mom2_update_weight=10.0, **corpus)
+        return AlphaEdit(layers=[0, 1], position="prompt_end", nullspace_threshold=1e-5, l2=1.0, **corpus)
     if method == "mend":
         return MEND(targets=["ffn:-2", "ffn:-1"], rank=8, edit_lr=1e-2, input_clip=5.0, anchored=True)
     return IKE(train_file=str(SAMPLE / "mmedit" / "vqa_train.json"), image_root=IMAGES, k=3, max_records=6)
@@ -57,7 +74,21 @@ def family(request):
 
 @pytest.mark.parametrize("mode", ["one_step", "sequential"])
 @pytest.mark.parametrize(
-    "method", ["ft_llm", "ft_vis", "ike", "ke", "mend", "serac", "tpatcher", "kn", "calinet"]
+    "method",
+    [
+        "ft_llm",
+        "ft_vis",
+        "ike",
+        "ke",
+        "mend",
+        "serac",
+        "tpatcher",
+        "kn",
+        "calinet",
+        "rome",
+        "memit",
+        "alphaedit",
+    ],
 )
 def test_method_runs_on_family(family, method, mode, tmp_path):
     name, vlm = family
