@@ -30,8 +30,6 @@ from backbones.batching import (
     ProbeBatch,
     TeacherForced,
     answer_nll,
-    last_image_positions,
-    prompt_end_positions,
     row_tokens,
     teacher_forced_outputs,
 )
@@ -407,10 +405,14 @@ class VLM(nn.Module, abc.ABC):
         """
         if where not in KEY_POSITIONS:
             raise ValueError(f"key position must be one of {KEY_POSITIONS}, got {where!r}")
-        if where == "image":
-            return last_image_positions(batch, self.tokenizer.convert_tokens_to_ids(self.image_token))
-        if where == "prompt_end":
-            return prompt_end_positions(batch)
+        if where in ("image", "prompt_end"):
+            groups = self.token_groups(batch)
+            if where == "prompt_end":
+                return [g.last for g in groups]
+            missing = [row for row, g in enumerate(groups) if not g.image]
+            if missing:
+                raise ValueError(f"row {missing[0]} holds no image token: it has no last image position")
+            return [g.image[-1] for g in groups]
         positions = []
         for row, probe in enumerate(probes):
             if where == "question":

@@ -156,30 +156,3 @@ def row_tokens(batch: ProbeBatch, row: int) -> tuple[int, list[int]]:
     offset = width - batch.lengths[row] if batch.left_padded else 0
     ids = batch.inputs["input_ids"][row, offset : offset + batch.lengths[row]]
     return offset, [int(t) for t in ids]
-
-
-def last_image_positions(batch: ProbeBatch, image_token_id: int) -> list[int]:
-    """Each row's last image-token position: where a pictured subject's representation is complete.
-
-    Found from the token ids alone (every family writes its image tokens into `input_ids`), so it is
-    the same rule for every backbone. A row without an image is refused: it has no such position.
-    """
-    ids = batch.inputs["input_ids"]
-    mask = batch.inputs["attention_mask"].bool()
-    positions = []
-    for row in range(ids.shape[0]):
-        found = ((ids[row] == image_token_id) & mask[row]).nonzero()
-        if not found.numel():
-            raise ValueError(f"row {row} holds no image token: it has no last image position")
-        positions.append(int(found[-1]))
-    return positions
-
-
-def prompt_end_positions(batch: ProbeBatch) -> list[int]:
-    """Each row's last prompt position (the template's end), whose logit predicts the first answer token."""
-    positions = []
-    for row, (start, _) in enumerate(batch.answer_spans):
-        if start < 1:
-            raise ValueError(f"row {row}: an empty prompt has no last position")
-        positions.append(start - 1)
-    return positions
