@@ -138,6 +138,15 @@ class VLM(nn.Module, abc.ABC):
     def image_token_counts(self, image_inputs: dict[str, torch.Tensor]) -> list[int]:
         """How many image tokens each image of `image_inputs` takes in the sequence."""
 
+    def image_features(self, image_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per image, the vectors the language model reads in its place ([tokens, hidden]).
+
+        The vision tower and projector (Q-Former, queries and projection on BLIP-2) applied to
+        `image_inputs`, through the model's own `get_image_features`.
+        """
+        features = self.model.get_image_features(**image_inputs).pooler_output
+        return list(features) if isinstance(features, torch.Tensor) else list(features)
+
     @abc.abstractmethod
     def vision_modules(self) -> list[nn.Module | nn.Parameter]:
         """The vision encoder's modules (what FT (Vis) may train when it reaches past the projector)."""

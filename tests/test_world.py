@@ -16,7 +16,7 @@ import train
 from datamodules.dataset import load_edit_dataset
 from datamodules.world_train import WorldTrainData, probe_length
 from world.build import build_world, is_built
-from world.check import check
+from world.check import TARGETS, check, demonstration_records, in_context_sets
 from world.config import load_world_config
 from world.generate import World
 from world.probes import image_questions, train_image_qas, train_text_qas
@@ -191,3 +191,49 @@ def test_edit_runs_on_the_world(tiny_world, tiny_backbone, tmp_path):
     summary = json.loads((results / "summary.json").read_text())
     assert summary["n_cases"] == 3
     assert all(summary[k] is not None for k in ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "port"))
+
+
+def test_check_rows_ask_the_fact_unrelated_questions_and_composition(tiny_world):
+    data = load_edit_dataset(
+        str(tiny_world / "vlkeb" / "eval_multihop.json"),
+        str(tiny_world / "images"),
+        prompt_template="{}",
+        loc_image_template="{}",
+    )
+    cases = [data[i] for i in range(len(data))]
+    sets = in_context_sets(cases, demonstration_records(str(tiny_world)))
+    for name in sets:
+        assert sets[name], name
+    assert {n for n in TARGETS if n.startswith("in-context")} <= set(sets)
+    new = sets["in-context new fact (New Fact form)"]
+    assert len(new) == 2 * len(cases) and all(p.answer in {c.edit.answer for c in cases} for p in new)
+    demos = sets["in-context new fact (3 demonstrations)"]
+    assert all(
+        len(p.context) == 4 and p.context[-1] == q.context[-1] for p, q in zip(demos, new, strict=True)
+    )
+    assert all(p.hop == 1 for p in sets["in-context 1-hop composition"])
+    assert all(p.prompt.startswith("Prompt: ") for probes in sets.values() for p in probes)
+
+
+def test_stage0_through_the_projector_trains_the_qformer_and_not_the_language_model(tiny_world, tmp_path):
+    """BLIP-2's recipe: the attribute heads read the Q-Former's projected queries, so stage 0 moves them."""
+    import torch
+
+    from lightning_modules.world_backbone import WorldBackboneTraining
+    from world.backbones import WorldBlip2VLM, WorldSpec
+
+    vlm = WorldBlip2VLM(str(tiny_world), spec=WorldSpec(hidden_size=32, num_layers=1, vision_hidden_size=32,
+                                                        vision_layers=1, num_heads=2))  # fmt: skip
+    module = WorldBackboneTraining(vlm, output_dir=str(tmp_path), stage0_through_projector=True)
+    data = WorldTrainData(str(tiny_world), batch_size=4, stage0_steps=1, stage1_steps=0)
+    batch = next(iter(data.train_dataloader()))
+    loss, _ = module.attribute_loss(batch)
+    loss.backward()
+    grads = {
+        name: p.grad is not None and bool(p.grad.abs().sum()) for name, p in vlm.model.named_parameters()
+    }
+    assert any(g for n, g in grads.items() if n.startswith("qformer.")), "the Q-Former got no gradient"
+    assert any(g for n, g in grads.items() if n.startswith("vision_model."))
+    assert not any(g for n, g in grads.items() if n.startswith("language_model."))
+    assert module.heads[0].in_features == vlm.text_config().hidden_size
+    assert torch.isfinite(loss)
