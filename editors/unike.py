@@ -34,6 +34,7 @@ entries are removed again, so `restore()` gives back the original model bit for 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -286,7 +287,8 @@ class UniKE(TPatcher):
                 # states the external knowledge already moved).
                 handle.patches = super().apply(vlm, cases)
             if self._ike is not None:
-                handle.context = self._ike.apply(vlm, cases)
+                with _unpatched(handle):
+                    handle.context = self._ike.apply(vlm, cases)
         except BaseException:
             handle.restore()
             raise
@@ -311,16 +313,14 @@ class UniKE(TPatcher):
                 if handle.hooks is not None:
                     handle.hooks.remove()
                     handle.hooks = None
-                if handle.patches is not None:
-                    with handle.patches.patches.paused():
-                        self._remember(vlm, handle, cases)
-                else:
+                with _unpatched(handle):
                     self._remember(vlm, handle, cases)
                 handle.hooks = handle.latent.attach()
             if handle.patches is not None:
                 TPatcher.extend(self, vlm, handle.patches, cases)
             if handle.context is not None and self._ike is not None:
-                handle.context = self._ike.extend(vlm, handle.context, cases)
+                with _unpatched(handle):
+                    handle.context = self._ike.extend(vlm, handle.context, cases)
         except BaseException:
             handle.restore()
             raise
@@ -384,6 +384,16 @@ class UniKEHandle(EditHandle):
                 self.latent.remove(token)
         self.patches = self.hooks = None
         self.tokens = []
+
+
+def _unpatched(handle: UniKEHandle) -> contextlib.AbstractContextManager[None]:
+    """The handle's neurons switched off for the block (the shift is the caller's to take off).
+
+    The vanilla ablation's IKE embeds its facts for retrieval here, on the model as IKE alone sees
+    it: otherwise a fact's key would depend on how many edits' neurons were live when it came, and
+    one `apply` of a sequence and the same sequence added edit by edit would retrieve differently.
+    """
+    return handle.patches.patches.paused() if handle.patches is not None else contextlib.nullcontext()
 
 
 def _layer_of(stored: Sequence[int], layer: int, vlm: VLM) -> int | None:

@@ -26,7 +26,7 @@ from callbacks.edit_run import EditRun
 from core.case import EditCase
 from editors.base import Editor
 from lightning_modules.edit_loop import EditCounters, LoopSettings, Mode, OnBadRecord, edit_and_score
-from lightning_modules.lifelong import LifelongSettings
+from lightning_modules.lifelong import DEFAULT_LIFELONG, LifelongSettings, LifelongSetupError
 from metrics.protocols import Protocol
 from metrics.scores import ScoreSet, average
 
@@ -60,10 +60,9 @@ class EditEval(pl.LightningModule):
         generation: bool = True,
         max_hops: int = 4,
         on_bad_record: OnBadRecord = "error",
-        lifelong: LifelongSettings | None = None,
+        lifelong: LifelongSettings = DEFAULT_LIFELONG,
     ) -> None:
         super().__init__()
-        lifelong = lifelong if lifelong is not None else LifelongSettings()
         self.save_hyperparameters(ignore=["backbone", "editor"])
         self.backbone = backbone
         self.editor = editor
@@ -99,13 +98,13 @@ class EditEval(pl.LightningModule):
         """
         trainer = self.trainer
         if trainer.world_size > 1:
-            raise ValueError(
+            raise LifelongSetupError(
                 f"model.mode lifelong runs one sequence of edits in one process; got {trainer.world_size} "
                 "processes: set --trainer.devices 1 (run several methods side by side instead)"
             )
         batches = sum(int(b) for b in (trainer.num_test_batches or []))
         if batches > 1:
-            raise ValueError(
+            raise LifelongSetupError(
                 f"model.mode lifelong needs the whole sequence in one batch, but the data gives {batches} "
                 "batches: set data.batch_size to at least the number of cases (configs/edit/lifelong.yaml "
                 "sets 1000000)"

@@ -35,7 +35,11 @@ DEFAULT_CHECKPOINTS = (1, 10, 100, 1000)
 DEFAULT_GAPS = (10, 20, 50, 100)
 
 
-@dataclass
+class LifelongSetupError(ValueError):
+    """A lifelong run set up so that it would not be one sequence (several processes, several batches)."""
+
+
+@dataclass(frozen=True)
 class LifelongSettings:
     """The scoring points of a lifelong run (`model.mode: lifelong`).
 
@@ -61,6 +65,10 @@ class LifelongSettings:
                 problems.append(f"model.lifelong.{name} names a value twice: {values}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+#: The settings a lifelong run uses unless told otherwise (never mutated: the class is frozen).
+DEFAULT_LIFELONG = LifelongSettings()
 
 
 @dataclass(frozen=True)
