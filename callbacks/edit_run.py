@@ -25,6 +25,9 @@ class EditRun:
     n_resumed: int = 0
     edit_seconds_per_case: float = 0.0
     summary: dict[str, Any] | None = None
+    #: A lifelong run's timing (`lightning_modules.lifelong.LifelongTiming`): edit seconds at each
+    #: checkpoint and scoring seconds. Typed loosely so callbacks need not import the loop.
+    lifelong_timing: Any = None
     #: Set by the module's `on_test_start`. Lightning runs no hook at all for a test loop without
     #: batches, so a run that is still not started afterwards had no case to edit.
     started: bool = False

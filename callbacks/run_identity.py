@@ -3,14 +3,17 @@
 A results folder holds `run.json` next to `cases.jsonl`: the resolved config without output paths
 and run-time settings, the editor and backbone descriptions and a digest of the backbone's weights,
 the scoring settings, each annotation file's SHA-256 and how it is read (format, templates, image
-root), the sequence length in sequential mode, and the scoring code's version. A rerun resumes only when
-its identity equals the stored one; otherwise it stops with one line naming what differs. The case
-limit is not part of it: a rerun over a subset (or a superset) of the same data reuses what it can.
+root), the sequence length in sequential and lifelong mode (and a lifelong run's checkpoints and
+gaps), and the scoring code's version. A rerun resumes only when its identity equals the stored
+one; otherwise it stops with one line naming what differs. The case limit is not part of it: a
+rerun over a subset (or a superset) of the same data reuses what it can (in lifelong mode the
+subset is another sequence, which its length tells apart).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,12 @@ def run_identity(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, A
     if hparams.mode == "sequential" and datamodule is not None:
         # Which cases form one sequence follows from the batch size.
         identity["sequence_length"] = datamodule.hparams.batch_size
+    if hparams.mode == "lifelong":
+        # The sequence is every case in order: a rerun over fewer (data.limit) is another sequence,
+        # and other checkpoints or gaps score other things.
+        identity["lifelong"] = asdict(module.settings.lifelong)
+        if datamodule is not None:
+            identity["sequence_length"] = len(datamodule.case_ids())
     # Through JSON once, so that tuples and lists (and other JSON-equal values) compare equal.
     return json.loads(json.dumps(identity, sort_keys=True, default=str))
 

@@ -7,31 +7,14 @@ results table prints it, so both show the same numbers.
 
 from __future__ import annotations
 
-import math
 import resource
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from core.case import PROBE_KINDS
-
-
-def score_fields(scores: dict[str, float], max_hops: int) -> dict[str, Any]:
-    """The score keys of a summary (percent, rounded; None where no case had the probe kind)."""
-
-    def pct(key: str) -> float | None:
-        value = scores.get(key, float("nan"))
-        return None if math.isnan(value) else round(value, 4)
-
-    hops = range(1, max_hops + 1)
-    out: dict[str, Any] = {key: pct(key) for key in PROBE_KINDS}
-    # The mean of Rel, T-Gen, I-Gen, T-Loc, I-Loc (`metrics.scores.average`): what sweeps tune on.
-    out["avg"] = pct("avg")
-    out["port_per_hop"] = {str(h): pct(f"port_hop{h}") for h in hops}
-    out["generation"] = {key: pct(f"gen_{key}") for key in PROBE_KINDS}
-    out["generation"]["port_per_hop"] = {str(h): pct(f"gen_port_hop{h}") for h in hops}
-    return out
+from callbacks.lifelong_summary import lifelong_summary
+from callbacks.score_fields import score_fields
 
 
 def peak_memory_mib() -> float:
@@ -69,4 +52,7 @@ def build_summary(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, 
             "config": module.run_config,
         }
     )
+    if hparams.mode == "lifelong":
+        # Scores at each checkpoint K and after each gap g (the headline above is K = N).
+        summary["lifelong"] = lifelong_summary(run.records, hparams.max_hops, run.lifelong_timing)
     return summary

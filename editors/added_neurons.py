@@ -142,6 +142,7 @@ class PatchHandle:
         # The FFN input of each hooked layer between its input and output module calls.
         self._queries: dict[int, Tensor] = {}
         self._recorded: dict[int, list[Tensor]] | None = None
+        self._paused = False
         self.removed = False
 
     def layer_index(self, layer: int) -> int:
@@ -172,6 +173,19 @@ class PatchHandle:
         finally:
             self._recorded = previous
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside the block the patches add nothing: the backbone computes what it computed unpatched.
+
+        For reading states of the model as it was before the sequence (UniKE's edit states in a
+        lifelong sequence) without taking the patches off.
+        """
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
+
     def remove(self) -> None:
         """Take every hook off: the backbone computes exactly what it computed before `attach_patches`."""
         for hook in self._hooks:
@@ -185,7 +199,7 @@ class PatchHandle:
         self.patches[index] = []
 
         def read_query(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if not self.patches[index]:
+            if not self.patches[index] or self._paused:
                 return
             q = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
             if q is not None:

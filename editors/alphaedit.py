@@ -12,7 +12,8 @@ sequence:
 computed as the reference does, X = (P (K_p K_p^T + K1 K1^T) + l2 I)^{-1} P K1 R^T and Delta = X^T.
 For a key with P k_0 = 0 this gives Delta W k_0 = 0 exactly (solve (A^T) y = k_0: y = k_0 / l2, and
 P y = 0), so the preserved keys' outputs do not move; the K_p term keeps later edits of a sequence
-from undoing earlier ones. K_p starts empty at every `apply` call (one-step edits restore the model).
+from undoing earlier ones. K_p starts empty at every `apply` call (one-step edits restore the model)
+and grows through `extend` (lifelong editing keeps every earlier edit's keys).
 
 Reference settings (Llama3-8B): layers 4-8, threshold 2e-2 on C's eigenvalues, l2 10, clamp 0.75,
 25 steps at lr 0.1, KL factor 0.0625, 100K Wikipedia samples for C.

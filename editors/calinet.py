@@ -15,7 +15,10 @@ What differs from T-Patcher (same hooks): CaliNet's slots are many and not tied 
 key initialised from the edit, no activation or memory margins); it calibrates with the edit loss
 alone. In sequential editing the memory is one for the whole sequence, as CaliNet trains one memory
 on all its facts: each new edit trains it on that edit and, with `replay`, on the sequence's
-earlier edits too (their edit probes, never their evaluation probes).
+earlier edits too (their edit probes, never their evaluation probes). The memory and the edits
+seen live in the handle, so `extend` (lifelong editing) goes on training the same memory. With
+`replay` an edit then trains on every earlier edit as well, so a sequence of N edits costs
+O(N^2) rows of training in total, as one `apply` of N cases does: that is the method, not the loop.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from backbones.base import VLM
 from core.case import EditCase, Probe
 from editors.added_neurons import ACTIVATIONS, NeuronPatch, PatchHandle, ffn_width, patch_training_loss
-from editors.base import Editor
+from editors.base import EditHandle, Editor
 from editors.tpatcher import PatchEditHandle
 from editors.tuning import only_these_trainable
 
@@ -145,37 +148,55 @@ class CaliNet(Editor):
             memory[layer] = patch
         return memory
 
-    def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> PatchEditHandle:
+    def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> CaliNetHandle:
+        handle = CaliNetHandle(PatchHandle(vlm))
+        try:
+            with torch.inference_mode(False):
+                handle.slots = self.new_memory(vlm)
+            for layer, patch in handle.slots.items():
+                handle.patches.add(layer, patch)
+        except BaseException:
+            handle.restore()
+            raise
+        self._train_cases(vlm, handle, cases)
+        return handle
+
+    def extend(self, vlm: VLM, handle: EditHandle, cases: Sequence[EditCase]) -> CaliNetHandle:
+        """Train the sequence's one memory on `cases` too (with `replay`, on every earlier edit as well)."""
+        if not isinstance(handle, CaliNetHandle):
+            handle.restore()
+            raise TypeError("CaliNet.extend: the handle was not made by CaliNet.apply")
+        self._train_cases(vlm, handle, cases)
+        return handle
+
+    def _train_cases(self, vlm: VLM, handle: CaliNetHandle, cases: Sequence[EditCase]) -> None:
+        """Train the handle's memory on each case in turn; the edits seen so far live in the handle."""
         start = time.perf_counter()
-        handle = PatchHandle(vlm)
-        per_case = []
+        per_case: list[dict[str, object]] = handle.stats["cases"]  # type: ignore[assignment]
+        memory = handle.slots
         try:
             # Lightning runs test loops under inference mode; an edit needs autograd whatever the caller.
             with torch.inference_mode(False), torch.enable_grad(), only_these_trainable(vlm.model, {}):
-                memory = self.new_memory(vlm)
-                for layer, patch in memory.items():
-                    handle.add(layer, patch)
                 params = [p for patch in memory.values() for p in patch.parameters()]
-                seen: list[Probe] = []
                 for case in cases:
-                    seen.extend(case.edits)
-                    facts = seen if self.replay else list(case.edits)
+                    handle.seen.extend(case.edits)
+                    facts = list(handle.seen) if self.replay else list(case.edits)
                     per_case.append(self._train(vlm, params, facts, min(memory), case.case_id))
                 for p in params:
                     p.requires_grad_(False)
                     p.grad = None
         except BaseException:
             # No handle reaches the caller when an edit fails: take the memory off here.
-            handle.remove()
+            handle.restore()
             raise
-        stats: dict[str, object] = {
-            "time_s": time.perf_counter() - start,
-            "steps": sum(int(c["steps"]) for c in per_case),
-            "final_loss": per_case[-1]["final_loss"] if per_case else math.nan,
-            "slots": self.n_slots * len(self.layers),
-            "cases": per_case,
-        }
-        return PatchEditHandle(handle, stats)
+        handle.stats.update(
+            {
+                "time_s": float(handle.stats["time_s"]) + time.perf_counter() - start,  # type: ignore[arg-type]
+                "steps": sum(int(c["steps"]) for c in per_case),  # type: ignore[call-overload]
+                "final_loss": per_case[-1]["final_loss"] if per_case else math.nan,
+                "slots": self.n_slots * len(self.layers),
+            }
+        )
 
     def _train(
         self, vlm: VLM, params: list[torch.nn.Parameter], facts: list[Probe], first_layer: int, case_id: str
@@ -212,3 +233,13 @@ class CaliNet(Editor):
             "final_loss": final,
             "time_s": time.perf_counter() - start,
         }
+
+
+class CaliNetHandle(PatchEditHandle):
+    """One sequence's calibration memory (its slots per layer, hooked) and the edits it was trained on."""
+
+    def __init__(self, patches: PatchHandle) -> None:
+        super().__init__(patches, {"time_s": 0.0, "steps": 0, "cases": []})
+        #: The calibration memory: one `NeuronPatch` per layer, trained by every edit of the sequence.
+        self.slots: dict[int, NeuronPatch] = {}
+        self.seen: list[Probe] = []

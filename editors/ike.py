@@ -8,6 +8,8 @@ image), so a record is found by what its picture shows as well as by its wording
 Sequential editing with K cases: each probe is given the context of the ONE case whose edit is
 most similar to the probe (by the same embedding), not all K facts with all their images at once;
 K images per probe would grow every prompt by K * 576 tokens on LLaVA and drown the relevant fact.
+`extend` adds cases to a live handle (their contexts and fact keys appended), as if they had been
+in the first `apply` call.
 """
 
 from __future__ import annotations
@@ -174,6 +176,14 @@ class IKE(Editor):
         stats: dict[str, object] = {"time_s": time.perf_counter() - start, "retrieved": retrieved}
         return InContextHandle(vlm, self.formats, [c.case_id for c in cases], contexts, facts, stats)
 
+    def extend(self, vlm: VLM, handle: EditHandle, cases: Sequence[EditCase]) -> InContextHandle:
+        """The live contexts plus those of `cases` (retrieval per case does not depend on the others)."""
+        if not isinstance(handle, InContextHandle):
+            handle.restore()
+            raise TypeError("IKE.extend: the handle was not made by IKE.apply")
+        new = self.apply(vlm, cases)
+        return handle.joined(new)
+
 
 class InContextHandle(EditHandle):
     """The contexts of the edited cases; `prepare` gives each probe its nearest case's context.
@@ -196,6 +206,20 @@ class InContextHandle(EditHandle):
         self.case_ids = case_ids
         self.contexts = contexts
         self.fact_keys = fact_keys
+
+    def joined(self, new: InContextHandle) -> InContextHandle:
+        """One handle holding this handle's edited cases, then `new`'s."""
+        if self.fact_keys is None or new.fact_keys is None:
+            keys = self.fact_keys if new.fact_keys is None else new.fact_keys
+        else:
+            keys = torch.cat([self.fact_keys, new.fact_keys])
+        stats: dict[str, object] = {
+            "time_s": float(self.stats.get("time_s", 0.0)) + float(new.stats.get("time_s", 0.0)),  # type: ignore[arg-type]
+            "retrieved": [*self.stats.get("retrieved", []), *new.stats.get("retrieved", [])],  # type: ignore[misc]
+        }
+        return InContextHandle(
+            self.vlm, self.formats, self.case_ids + new.case_ids, self.contexts + new.contexts, keys, stats
+        )
 
     def assign(self, probes: Sequence[Probe]) -> list[int]:
         """Index of the edited case whose context each probe gets (nearest edit by cosine)."""

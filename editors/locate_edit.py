@@ -3,9 +3,10 @@
 A `LocateThenEdit` editor reads its statistics corpus once in `setup` (the second moment C of the
 edited layers' keys, `editors/layer_stats.py`, cached on disk), and in `apply` snapshots exactly the
 value-projection weights it will change, writes the cases' facts through the subclass's
-`write(vlm, facts, state)` and returns a `WeightEditHandle` that copies them back bit for bit. A
+`write(vlm, facts, state)` and returns a `LocateEditHandle` that copies them back bit for bit. A
 sequence of cases (sequential editing) shares one `state` dict, where AlphaEdit keeps the keys of
-the earlier edits.
+the earlier edits; it lives in the handle, so `extend` adds edits to a live sequence as if they
+had been in the first `apply` call.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from backbones.base import VLM
 from core.case import EditCase, Probe
 from core.files import file_sha256
-from editors.base import Editor, ParameterSnapshot, WeightEditHandle
+from editors.base import EditHandle, Editor, ParameterSnapshot, WeightEditHandle
 from editors.key_values import KeySpec, TargetSettings
 from editors.layer_stats import DEFAULT_STATS_DIR, probes_digest, second_moments
 from editors.training_split import read_training_cases
@@ -209,35 +210,65 @@ class LocateThenEdit(Editor):
     def weights(self, vlm: VLM) -> dict[int, nn.Linear]:
         return {layer: vlm.ffn_ports(layer).value_linear for layer in self.layer_indices(vlm)}
 
-    def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> WeightEditHandle:
+    def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> LocateEditHandle:
         self.setup(vlm)
         linears = self.weights(vlm)
         wanted = {id(linear.weight) for linear in linears.values()}
         params = {n: p for n, p in vlm.model.named_parameters() if id(p) in wanted}
+        with torch.inference_mode(False):
+            snapshot = ParameterSnapshot(params)
+        handle = LocateEditHandle(self, snapshot)
+        self._write_cases(vlm, handle, cases)
+        return handle
+
+    def extend(self, vlm: VLM, handle: EditHandle, cases: Sequence[EditCase]) -> LocateEditHandle:
+        """Write `cases` on top of the live state, continuing its `state` (AlphaEdit's earlier keys)."""
+        if not isinstance(handle, LocateEditHandle) or handle.editor is not self:
+            handle.restore()
+            raise TypeError(f"{type(self).__name__}.extend: the handle was not made by this editor's apply")
+        self._write_cases(vlm, handle, cases)
+        return handle
+
+    def edit_units(self, cases: Sequence[EditCase]) -> Sequence[EditCase]:
+        """What one `write` call receives: each case (MEMIT's batch editing merges them)."""
+        return cases
+
+    def _write_cases(self, vlm: VLM, handle: LocateEditHandle, cases: Sequence[EditCase]) -> None:
+        """Write the cases' facts in order into the weights, sharing the handle's `state`.
+
+        One snapshot for the whole sequence (taken by `apply`): `restore()` returns to the state
+        before its first edit. A failing write undoes the whole state, since no handle of a
+        half-written edit reaches the caller.
+        """
         start = time.perf_counter()
-        per_case: list[dict[str, object]] = []
-        state: dict[str, object] = {}
+        per_case = handle.stats.setdefault("cases", [])
         # Lightning runs test loops under inference mode; the target optimisation needs autograd.
         with torch.inference_mode(False), torch.enable_grad():
-            snapshot = ParameterSnapshot(params)
             try:
                 with only_these_trainable(vlm.model, {}):
-                    for case in cases:
+                    for case in self.edit_units(cases):
                         t0 = time.perf_counter()
-                        stats = self.write(vlm, case.edits, state)
-                        per_case.append(
+                        stats = self.write(vlm, case.edits, handle.state)
+                        per_case.append(  # type: ignore[union-attr]
                             {"case_id": case.case_id, **stats, "time_s": time.perf_counter() - t0}
                         )
             except BaseException:
-                # No handle reaches the caller when an edit fails: undo here, so a half-written
-                # edit never leaks into the next case.
-                snapshot.restore()
+                handle.restore()
                 raise
-        return WeightEditHandle(snapshot, stats={"time_s": time.perf_counter() - start, "cases": per_case})
+        handle.stats["time_s"] = float(handle.stats.get("time_s", 0.0)) + time.perf_counter() - start  # type: ignore[arg-type]
 
     def write(self, vlm: VLM, facts: Sequence[Probe], state: dict[str, object]) -> dict[str, object]:
-        """Write `facts` (one case's edits) into the weights; `state` lives for one `apply` call."""
+        """Write `facts` (one case's edits) into the weights; `state` lives as long as the sequence's handle."""
         raise NotImplementedError
+
+
+class LocateEditHandle(WeightEditHandle):
+    """The snapshot of one sequence's edited weights and the state its writes share (AlphaEdit's K_p)."""
+
+    def __init__(self, editor: LocateThenEdit, snapshot: ParameterSnapshot) -> None:
+        super().__init__(snapshot, stats={"time_s": 0.0, "cases": []})
+        self.editor = editor
+        self.state: dict[str, object] = {}
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ layers), and many facts can be written in one update (batch editing). For a grou
    lambda-weighted C_l, the preserved keys' second moment, in place).
 
 `edits_per_update` sets the group: 1 writes a sequence's facts one after another (sequential
-editing, each on the model the earlier ones left); None writes all facts of one `apply` call in one
-update (MEMIT's batch editing: K cases of a sequential run as one batch).
+editing, each on the model the earlier ones left); None writes all facts of one `apply` (or `extend`)
+call in one update (MEMIT's batch editing: K cases of a sequential run as one batch).
 
 Reference settings (GPT-2 XL): layers 13-17, lambda (mom2_update_weight) 20000, clamp 0.75, 20
 steps at lr 0.5, KL factor 0.0625, C over 100K Wikipedia samples (GPT-J: layers 3-8, lambda 15000).
@@ -79,12 +79,11 @@ class MEMIT(LocateThenEdit):
             "edits_per_update": self.edits_per_update,
         }
 
-    def apply(self, vlm: VLM, cases):  # type: ignore[override]
+    def edit_units(self, cases):  # type: ignore[override]
         if self.edits_per_update is None and len(cases) > 1:
-            # Batch editing: the facts of every case in one update.
-            merged = _Merged(cases)
-            return super().apply(vlm, [merged])
-        return super().apply(vlm, cases)
+            # Batch editing: the facts of every case of one apply (or extend) call in one update.
+            return [_Merged(cases)]
+        return cases
 
     def write(self, vlm: VLM, facts: Sequence[Probe], state: dict[str, object]) -> dict[str, object]:
         size = len(facts) if self.edits_per_update is None else self.edits_per_update

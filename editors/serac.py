@@ -24,7 +24,8 @@ sends to the counterfactual model by mistake is still answered as the backbone w
 Handles: one per `apply` (one memory); `prepare` tags each probe with its handle's memory, and one
 router per editor and backbone answers the tagged probes of every live handle in shared batched
 passes (`side_by_side`): one-step cases of a batch are scored together although each has its own
-memory.
+memory. `extend` (lifelong editing) makes a handle with the live memory plus the new edits, whose
+classifier features are the only ones computed.
 """
 
 from __future__ import annotations
@@ -379,6 +380,21 @@ class SERAC(TrainableEditor):
         features = scope_features(vlm, [e.edit for e in entries], self.routing, self.feature_layer)
         memory = EditMemory(entries, features, self.routing)
         stats = {"time_s": time.perf_counter() - start, "memory": len(entries), "routing": self.routing}
+        return SeracHandle(self, memory, stats)
+
+    def extend(self, vlm: VLM, handle: EditHandle, cases: Sequence[EditCase]) -> SeracHandle:
+        """The live memory plus the edits of `cases` (their features computed once, the earlier ones kept)."""
+        if not isinstance(handle, SeracHandle) or handle.editor is not self:
+            handle.restore()
+            raise TypeError("SERAC.extend: the handle was not made by this editor's apply")
+        new = self.apply(vlm, cases)
+        old = handle.memory
+        parts = [f for f in (old.features, new.memory.features) if len(f)]
+        features = ScopeFeatures.cat(parts) if parts else new.memory.features
+        # A new memory object: decisions taken against the smaller memory must not be reused.
+        memory = EditMemory(old.entries + new.memory.entries, features, self.routing)
+        old.clear()
+        stats = {**new.stats, "memory": len(memory.entries)}
         return SeracHandle(self, memory, stats)
 
     # ----------------------------------------------------------------- training

@@ -322,35 +322,59 @@ class TPatcher(Editor):
     # ----------------------------------------------------------------- editing
     def apply(self, vlm: VLM, cases: Sequence[EditCase]) -> PatchEditHandle:
         self.setup(vlm)
+        handle = PatchEditHandle(PatchHandle(vlm), {"time_s": 0.0, "steps": 0, "cases": []})
+        handle.memory = dict(self.memory)
+        self._edit_cases(vlm, handle, cases)
+        return handle
+
+    def extend(self, vlm: VLM, handle: EditHandle, cases: Sequence[EditCase]) -> PatchEditHandle:
+        """More patches on the live hooks, trained against the memory the sequence has grown so far."""
+        if not isinstance(handle, PatchEditHandle) or handle.memory is None:
+            handle.restore()
+            raise TypeError(f"{type(self).__name__}.extend: the handle was not made by its apply")
+        self._edit_cases(vlm, handle, cases)
+        return handle
+
+    def _edit_cases(self, vlm: VLM, handle: PatchEditHandle, cases: Sequence[EditCase]) -> None:
+        """Add and train each case's patches in order; the handle's memory grows by each edit's inputs.
+
+        The memory lives in the handle, so a case added by `extend` trains against the same memory
+        (training inputs plus every earlier edit's) as it would have in one `apply` call.
+        """
         layers = self._layer_indices(vlm)
+        memory = handle.memory
+        assert memory is not None
         start = time.perf_counter()
-        handle = PatchHandle(vlm)
-        memory = dict(self.memory)
-        per_case = []
+        per_case: list[dict[str, object]] = handle.stats["cases"]  # type: ignore[assignment]
         try:
             # Lightning runs test loops under inference mode; an edit needs autograd whatever the caller.
             with torch.inference_mode(False), torch.enable_grad(), only_these_trainable(vlm.model, {}):
-                for i, case in enumerate(cases):
-                    stats, edit_queries = self._edit_one(vlm, handle, layers, memory, case)
-                    per_case.append(stats)
-                    if self.update_memory and i + 1 < len(cases):
+                for case in cases:
+                    # The previous edit's inputs join the memory only now that another edit follows:
+                    # a one-step case never pays for copying the memory.
+                    if handle.pending is not None:
                         for layer in layers:
                             memory[layer] = torch.cat(
-                                [memory[layer], edit_queries[layer].to(memory[layer].dtype)]
+                                [memory[layer], handle.pending[layer].to(memory[layer].dtype)]
                             )
+                        handle.pending = None
+                    stats, edit_queries = self._edit_one(vlm, handle.patches, layers, memory, case)
+                    per_case.append(stats)
+                    if self.update_memory:
+                        handle.pending = edit_queries
         except BaseException:
             # No handle reaches the caller when an edit fails: take the patches off here, so a
             # half-trained patch never leaks into the next case.
-            handle.remove()
+            handle.restore()
             raise
-        stats: dict[str, object] = {
-            "time_s": time.perf_counter() - start,
-            "steps": sum(c["steps"] for c in per_case),
-            "final_loss": per_case[-1]["final_loss"] if per_case else math.nan,
-            "neurons": sum(p.n_neurons for p in handle.all_patches()),
-            "cases": per_case,
-        }
-        return PatchEditHandle(handle, stats)
+        handle.stats.update(
+            {
+                "time_s": float(handle.stats["time_s"]) + time.perf_counter() - start,  # type: ignore[arg-type]
+                "steps": sum(int(c["steps"]) for c in per_case),  # type: ignore[call-overload]
+                "final_loss": per_case[-1]["final_loss"] if per_case else math.nan,
+                "neurons": sum(p.n_neurons for p in handle.patches.all_patches()),
+            }
+        )
 
     def _edit_one(
         self, vlm: VLM, handle: PatchHandle, layers: list[int], memory: dict[int, Tensor], case: EditCase
@@ -486,11 +510,18 @@ class TPatcher(Editor):
 
 
 class PatchEditHandle(EditHandle):
-    """The patches of one `apply` call; restoring takes their hooks off (no weight was changed)."""
+    """The patches of one sequence; restoring takes their hooks off (no weight was changed).
+
+    `memory`: T-Patcher's memory as the sequence has grown it (FFN inputs per layer), so `extend`
+    trains the next patch against it; None for handles whose editor keeps no such memory.
+    `pending`: the last edit's inputs, added to the memory when the next edit comes.
+    """
 
     def __init__(self, patches: PatchHandle, stats: dict[str, object]) -> None:
         super().__init__(stats)
         self.patches = patches
+        self.memory: dict[int, Tensor] | None = None
+        self.pending: dict[int, Tensor] | None = None
 
     def restore(self) -> None:
         self.patches.remove()

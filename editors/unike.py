@@ -34,6 +34,7 @@ entries are removed again, so `restore()` gives back the original model bit for 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -274,79 +275,125 @@ class UniKE(TPatcher):
         self.setup(vlm)
         start = time.perf_counter()
         latent = self._latent
-        token: int | None = None
-        hooks: LatentHandle | None = None
-        patches: PatchEditHandle | None = None
-        context: EditHandle | None = None
+        handle = UniKEHandle(self, None, None, latent, [], None, {})
         try:
             if latent is not None:
                 if self.edit_in_memory and cases:
                     # Read before the shift is attached: the edit's states as the model holds them.
-                    with torch.inference_mode(False), torch.no_grad():
-                        own = self.edit_states(vlm, cases)
-                    token = latent.add(
-                        {layer: s["sem"] for layer, s in own.items()},
-                        {layer: s["pos"] for layer, s in own.items()},
-                    )
-                hooks = latent.attach()
+                    self._remember(vlm, handle, cases)
+                handle.hooks = latent.attach()
             if self.intrinsic:
                 # The neurons train with the shift live (section 3.2's collaboration: the FFN sees the
                 # states the external knowledge already moved).
-                patches = super().apply(vlm, cases)
+                handle.patches = super().apply(vlm, cases)
             if self._ike is not None:
-                context = self._ike.apply(vlm, cases)
+                with _unpatched(handle):
+                    handle.context = self._ike.apply(vlm, cases)
         except BaseException:
-            _undo(patches, hooks, latent, token)
+            handle.restore()
             raise
-        stats: dict[str, object] = dict(patches.stats) if patches is not None else {}
-        stats["time_s"] = time.perf_counter() - start
+        self._record_stats(handle, time.perf_counter() - start)
+        return handle
+
+    def extend(self, vlm: VLM, handle: EditHandle, cases: Sequence[EditCase]) -> UniKEHandle:
+        """Add `cases` to a live UniKE state: their memory entries, neurons and (ablation) contexts.
+
+        Each edit's own states are read with the earlier edits' shift and neurons off, as `apply`
+        reads them on the unedited model. One difference from a single `apply` of the whole
+        sequence, which a lifelong sequence cannot avoid: there every edit's states enter the memory
+        before any neuron trains, so earlier edits train with later edits' entries retrievable;
+        here an edit's entries arrive with it. With `edit_in_memory: false` the two are the same.
+        """
+        if not isinstance(handle, UniKEHandle) or handle.editor is not self:
+            handle.restore()
+            raise TypeError("UniKE.extend: the handle was not made by this editor's apply")
+        start = time.perf_counter()
+        try:
+            if handle.latent is not None and self.edit_in_memory and cases:
+                if handle.hooks is not None:
+                    handle.hooks.remove()
+                    handle.hooks = None
+                with _unpatched(handle):
+                    self._remember(vlm, handle, cases)
+                handle.hooks = handle.latent.attach()
+            if handle.patches is not None:
+                TPatcher.extend(self, vlm, handle.patches, cases)
+            if handle.context is not None and self._ike is not None:
+                with _unpatched(handle):
+                    handle.context = self._ike.extend(vlm, handle.context, cases)
+        except BaseException:
+            handle.restore()
+            raise
+        self._record_stats(handle, time.perf_counter() - start)
+        return handle
+
+    def _remember(self, vlm: VLM, handle: UniKEHandle, cases: Sequence[EditCase]) -> None:
+        """Put the cases' own (h_sem, h_pos) into the external memory, under a token the handle keeps."""
+        assert handle.latent is not None
+        with torch.inference_mode(False), torch.no_grad():
+            own = self.edit_states(vlm, cases)
+        handle.tokens.append(
+            handle.latent.add(
+                {layer: s["sem"] for layer, s in own.items()},
+                {layer: s["pos"] for layer, s in own.items()},
+            )
+        )
+
+    def _record_stats(self, handle: UniKEHandle, seconds: float) -> None:
+        stats: dict[str, object] = dict(handle.patches.stats) if handle.patches is not None else {}
+        stats["time_s"] = float(handle.stats.get("time_s", 0.0)) + seconds  # type: ignore[arg-type]
         stats.setdefault("steps", 0)
         stats.setdefault("final_loss", math.nan)
-        if latent is not None:
-            stats["memory_entries"] = latent.size(self.layers[-1])
-        return UniKEHandle(patches, hooks, latent, token, context, stats)
+        if handle.latent is not None:
+            stats["memory_entries"] = handle.latent.size(self.layers[-1])
+        handle.stats = stats
 
 
 class UniKEHandle(EditHandle):
-    """One UniKE edit: its neurons, the live feature shift and the edit's memory entries (and IKE's context)."""
+    """A live UniKE state: its neurons, the feature shift and the edits' memory entries (and IKE's context)."""
 
     def __init__(
         self,
+        editor: UniKE,
         patches: PatchEditHandle | None,
         hooks: LatentHandle | None,
         latent: LatentKnowledge | None,
-        token: int | None,
+        tokens: list[int],
         context: EditHandle | None,
         stats: dict[str, object],
     ) -> None:
         super().__init__(stats)
+        self.editor = editor
         self.patches = patches
         self.hooks = hooks
         self.latent = latent
-        self.token = token
+        #: One per `apply` / `extend` call that added edit states to the memory.
+        self.tokens = tokens
         self.context = context
 
     def prepare(self, probes: Sequence[Probe]) -> list[Probe]:
         return self.context.prepare(probes) if self.context is not None else list(probes)
 
     def restore(self) -> None:
-        _undo(self.patches, self.hooks, self.latent, self.token)
+        if self.patches is not None:
+            self.patches.restore()
+        if self.hooks is not None:
+            self.hooks.remove()
+        if self.latent is not None:
+            for token in reversed(self.tokens):
+                self.latent.remove(token)
         self.patches = self.hooks = None
-        self.token = None
+        self.tokens = []
 
 
-def _undo(
-    patches: PatchEditHandle | None,
-    hooks: LatentHandle | None,
-    latent: LatentKnowledge | None,
-    token: int | None,
-) -> None:
-    if patches is not None:
-        patches.restore()
-    if hooks is not None:
-        hooks.remove()
-    if latent is not None and token is not None:
-        latent.remove(token)
+def _unpatched(handle: UniKEHandle) -> contextlib.AbstractContextManager[None]:
+    """The handle's neurons switched off for the block (the shift is the caller's to take off).
+
+    The vanilla ablation's IKE embeds its facts for retrieval here, on the model as IKE alone sees
+    it: otherwise a fact's key would depend on how many edits' neurons were live when it came, and
+    one `apply` of a sequence and the same sequence added edit by edit would retrieve differently.
+    """
+    return handle.patches.patches.paused() if handle.patches is not None else contextlib.nullcontext()
 
 
 def _layer_of(stored: Sequence[int], layer: int, vlm: VLM) -> int | None:

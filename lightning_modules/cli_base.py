@@ -21,6 +21,7 @@ from datamodules.images import ImageLoadError
 from datamodules.records import BadRecordError
 from editors.checkpoint import EditorCheckpointError
 from knowledge.store import KnowledgeStoreError
+from lightning_modules.lifelong import LifelongSetupError
 
 
 class OptionValueError(ValueError):
@@ -39,6 +40,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CaseLogError,
     OptionValueError,
     KnowledgeStoreError,
+    LifelongSetupError,
 )
 #: The exit status of a run refused for bad input (argparse uses 2 for bad arguments, too).
 USER_ERROR_EXIT_CODE = 2

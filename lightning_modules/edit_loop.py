@@ -2,16 +2,17 @@
 
 `EditEval.test_step` and `EditorTraining.validation_step` both call `edit_and_score`, so a
 validation score during training is computed exactly as the test score that is later reported:
-pre-edit locality answers in one batched pass, then the edits (one sequence of K, or one-step edits
-restored bit for bit after each other), then every probe scored in as few passes as the handles'
-answerers allow. Plain functions over a backbone and an editor; no Lightning state.
+pre-edit locality answers in one batched pass, then the edits (one sequence of K, one-step edits
+restored bit for bit after each other, or one lifelong sequence scored as it grows,
+`lifelong.py`), then every probe scored in as few passes as the handles' answerers allow. Plain
+functions over a backbone and an editor; no Lightning state.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -21,8 +22,9 @@ from core.case import EditCase, Probe
 from datamodules.records import BadRecordError
 from editors.base import EditHandle, Editor
 from lightning_modules.case_scoring import ProbeOutputs, reference_outputs, score_cases
+from lightning_modules.lifelong import LifelongSettings, LifelongTiming, run_sequence
 
-Mode = Literal["one_step", "sequential"]
+Mode = Literal["one_step", "sequential", "lifelong"]
 OnBadRecord = Literal["error", "skip"]
 
 
@@ -31,26 +33,34 @@ class LoopSettings:
     """How cases are edited and scored.
 
     Args:
-        mode: `one_step` (each case edited alone, the model restored before the next) or
-            `sequential` (the cases given together are one sequence of K edits, scored after all K).
+        mode: `one_step` (each case edited alone, the model restored before the next),
+            `sequential` (the cases given together are one sequence of K edits, scored after all K)
+            or `lifelong` (the cases given together are one sequence, added edit by edit and
+            scored at `lifelong`'s checkpoints and gaps).
         protocol: `strict` or `mmedit_trainer` (see `metrics.protocols`).
         generation: also score the generation twins (greedy answers, normalised exact match).
         on_bad_record: a case whose probe does not fit the model ends the run (`error`) or is
             recorded as skipped (`skip`), as the data module's setting of the same name.
+        lifelong: the checkpoints and gaps of `lifelong` mode.
     """
 
     mode: Mode = "one_step"
     protocol: str = "strict"
     generation: bool = True
     on_bad_record: OnBadRecord = "error"
+    lifelong: LifelongSettings = field(default_factory=LifelongSettings)
 
 
 @dataclass
 class EditCounters:
-    """Time spent in `Editor.apply` and the number of cases edited (results report the mean)."""
+    """Time spent in `Editor.apply` and the number of cases edited (results report the mean).
+
+    `lifelong`: where a lifelong run's time went (edit seconds at each checkpoint, scoring).
+    """
 
     edit_seconds: float = 0.0
     n_edits: int = 0
+    lifelong: LifelongTiming = field(default_factory=LifelongTiming)
 
     @property
     def seconds_per_case(self) -> float:
@@ -104,6 +114,23 @@ def _edit_and_score(
     One-step edits of a `side_by_side` editor are live together and scored in shared passes; the
     others are scored one case at a time, each on its own edited model.
     """
+    if settings.mode == "lifelong":
+        timing = LifelongTiming()
+        try:
+            return run_sequence(
+                vlm,
+                editor,
+                cases,
+                settings.lifelong,
+                settings.protocol,
+                settings.generation,
+                reference,
+                timing,
+            )
+        finally:
+            counters.edit_seconds += timing.edit_seconds
+            counters.n_edits += timing.n_edits
+            counters.lifelong = timing
     if settings.mode == "sequential":
         groups = [cases]
     elif editor.side_by_side:

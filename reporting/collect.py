@@ -2,7 +2,8 @@
 
 A row is one run: its label (the editor's name, unless given), the settings that tell runs apart
 (backbone, protocol, mode, sequence length, data file), the six scores and their generation twins,
-portability per hop, and the case counts. Folders are found by their `summary.json`, so a parent
+portability per hop, and the case counts. A lifelong run gives one row per checkpoint K (and its
+scores after each gap on the last). Folders are found by their `summary.json`, so a parent
 folder (`results/demo/llava`) stands for every run below it.
 """
 
@@ -32,6 +33,8 @@ class RunRow:
     settings: dict[str, Any] = field(default_factory=dict)
     n_cases: int = 0
     n_skipped: int = 0
+    #: A lifelong run's scores after each gap g (`summary.json`'s `lifelong.gaps`), on its K = N row.
+    gaps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def find_summaries(paths: list[str | Path]) -> list[Path]:
@@ -82,9 +85,37 @@ def read_row(summary_path: Path, label: str | None = None) -> RunRow:
     )
 
 
+def lifelong_rows(row: RunRow, summary_path: Path) -> list[RunRow]:
+    """A lifelong run as one row per checkpoint K (labelled `method (K=k)`); another run as itself.
+
+    The scores against K of a lifelong run then go into the same table and `scores_vs_k` plot as
+    sequential runs of several K. The K = N row (the run's headline) carries the gap scores.
+    """
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    block = summary.get("lifelong") if summary.get("mode") == "lifelong" else None
+    if not isinstance(block, dict):
+        return [row]
+    out = []
+    for k, scores in sorted(block.get("checkpoints", {}).items(), key=lambda item: int(item[0])):
+        out.append(
+            RunRow(
+                label=f"{row.label} (K={k})",
+                folder=row.folder,
+                scores={kind: scores.get(kind) for kind in PROBE_KINDS},
+                generation={kind: (scores.get("generation") or {}).get(kind) for kind in PROBE_KINDS},
+                port_per_hop=dict(scores.get("port_per_hop") or {}),
+                settings={**row.settings, "k": int(k)},
+                n_cases=int(scores.get("n_cases") or 0),
+                n_skipped=row.n_skipped,
+                gaps=dict(block.get("gaps") or {}) if int(k) == int(block.get("length") or -1) else {},
+            )
+        )
+    return out or [row]
+
+
 def collect(paths: list[str | Path]) -> list[RunRow]:
     """Rows of every run at or below `paths`; labels made unique by the folder name where they clash."""
-    rows = [read_row(p) for p in find_summaries(paths)]
+    rows = [r for p in find_summaries(paths) for r in lifelong_rows(read_row(p), p)]
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.label] = counts.get(row.label, 0) + 1

@@ -3,7 +3,8 @@
 - `radar`: the six scores of each run on one radar chart (a method's shape at a glance);
 - `bars`: the six scores side by side across runs;
 - `port_per_hop`: portability against the number of hops, a line per run;
-- `scores_vs_k`: each score against the sequence length K of sequential editing;
+- `scores_vs_k`: each score against the sequence length K of sequential editing, or against the
+  checkpoints K of a lifelong run;
 - `heatmap` and `line`: a sweep's metric over two settings (alpha x beta) or one (top_k).
 
 Matplotlib with the Agg backend: no display needed, same bytes-level figure on every machine.
@@ -91,10 +92,13 @@ def port_per_hop(rows: Sequence[RunRow], path: Path) -> Path:
 
 
 def scores_vs_k(rows: Sequence[RunRow], path: Path) -> Path:
-    """Each score against K (sequential editing), one panel per score, one line per method."""
+    """Each score against K, one panel per score, one line per method (and per mode: a lifelong run's
+    checkpoints and sequential runs of several K are different experiments, so different lines)."""
     by_method: dict[str, list[RunRow]] = defaultdict(list)
     for row in rows:
-        by_method[row.label.split(" (")[0]].append(row)
+        lifelong = " (lifelong)" if row.settings.get("mode") == "lifelong" else ""
+        by_method[row.label.split(" (")[0] + lifelong].append(row)
+    ks = [int(r.settings.get("k") or 1) for r in rows]
     fig, axes = plt.subplots(2, 3, figsize=(10, 5.5), sharex=True)
     for ax, kind in zip(axes.flat, PROBE_KINDS, strict=True):
         for method, group in by_method.items():
@@ -103,6 +107,8 @@ def scores_vs_k(rows: Sequence[RunRow], path: Path) -> Path:
         ax.set_title(SCORE_LABELS[kind])
         ax.set_ylim(0, 105)
         ax.set_xlabel("K")
+        if ks and max(ks) >= 100 * max(min(ks), 1):
+            ax.set_xscale("log")  # K = 1 .. 1,000 of a lifelong run: equal room per decade
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("scores against the number of sequential edits K")
     return _save(fig, path)

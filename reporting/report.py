@@ -1,8 +1,9 @@
 """`python report.py DIR [DIR ...] --out OUT`: one comparison table and the plots for finished runs.
 
 Writes `OUT/table.md`, `OUT/table.csv`, `OUT/radar.png`, `OUT/bars.png`, `OUT/port_per_hop.png`
-(when any run has per-hop portability) and `OUT/scores_vs_k.png` (when runs of one method differ in
-K), and prints the Markdown table.
+(when any run has per-hop portability), `OUT/scores_vs_k.png` (when runs of one method differ in
+K, as a lifelong run's checkpoints do) and `OUT/gaps.md` (lifelong runs' scores after each gap),
+and prints the Markdown tables.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from reporting import plots
 from reporting.collect import ReportInputError, RunRow, collect
-from reporting.table import csv_text, markdown
+from reporting.table import csv_text, gap_markdown, markdown
 
 
 def write_report(rows: list[RunRow], out: Path) -> list[Path]:
@@ -29,6 +30,9 @@ def write_report(rows: list[RunRow], out: Path) -> list[Path]:
     ks = {(r.label.split(" (")[0], r.settings.get("k")) for r in rows}
     if len(ks) > len({m for m, _ in ks}):
         written.append(plots.scores_vs_k(rows, out / "scores_vs_k.png"))
+    if any(r.gaps for r in rows):
+        (out / "gaps.md").write_text(gap_markdown(rows), encoding="utf-8")
+        written.append(out / "gaps.md")
     return written
 
 
@@ -46,5 +50,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise SystemExit(2) from exc
     written = write_report(rows, Path(args.out))
     print(markdown(rows))
+    if any(r.gaps for r in rows):
+        print(gap_markdown(rows))
     print("wrote " + ", ".join(str(p) for p in written))
     return written

@@ -1,7 +1,7 @@
 """The comparison table of a report: runs as rows, the six scores (and their generation twins) as columns.
 
 Written as Markdown (for a README or a paper draft, like VLKEB's Table 2) and as CSV (for a
-spreadsheet), from the same rows so the two never disagree.
+spreadsheet), from the same rows so the two never disagree; lifelong runs also get the gap table.
 """
 
 from __future__ import annotations
@@ -49,3 +49,18 @@ def csv_text(rows: Sequence[RunRow]) -> str:
     for row in rows:
         writer.writerow(cells(row, True))
     return buffer.getvalue()
+
+
+def gap_markdown(rows: Sequence[RunRow]) -> str:
+    """VLKEB's gap table: per lifelong run and gap g, the six scores of each case g edits after its own.
+
+    `at end` counts the cases with fewer than g edits after them, scored at the end of the sequence.
+    """
+    head = ["method", "gap", *(SCORE_LABELS[k] for k in PROBE_KINDS), "cases", "at end"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for row in rows:
+        for gap, scores in sorted(row.gaps.items(), key=lambda item: int(item[0])):
+            cells = [row.label.split(" (K=")[0], gap, *(_cell(scores.get(k)) for k in PROBE_KINDS)]
+            cells += [str(scores.get("n_cases", "")), str(scores.get("n_scored_at_end", ""))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -55,3 +55,28 @@ def test_a_folder_without_results_is_one_line(tmp_path, capsys):
         main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_lifelong_run_gives_a_row_per_checkpoint_and_the_gap_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "ft_llm_lifelong"
+    lifelong = ["--config", str(EDIT / "lifelong.yaml"), "--model.lifelong.checkpoints", "[1, 2]"]
+    edit.main(
+        ["test", "--config", str(EDIT / "ft_llm.yaml"), *lifelong, "--model.lifelong.gaps", "[1, 3]", *QUIET]
+        + ["--model.editor.init_args.steps", "2", "--data.limit", "4", "--results_dir", str(run)]
+    )
+    written = main([str(run), "--out", str(tmp_path / "report")])
+    assert {"scores_vs_k.png", "gaps.md"} <= {p.name for p in written}
+    rows = list(csv.DictReader((tmp_path / "report" / "table.csv").open()))
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(r["method"], r["k"], r["cases"]) for r in rows] == [
+        ("ft_llm (K=1)", "1", "1"),
+        ("ft_llm (K=2)", "2", "2"),
+        ("ft_llm (K=4)", "4", "4"),
+    ]
+    assert rows[-1]["Rel"] == f"{summary['rel']:.1f}"  # the end of the sequence is the headline
+    gaps = (tmp_path / "report" / "gaps.md").read_text().splitlines()[2:]
+    assert [line.split(" | ")[1] for line in gaps] == ["1", "3"]
+    # Gap 3: only the first case has three edits after it; the other three are scored at the end.
+    assert gaps[1].endswith("| 4 | 3 |")
+    assert "| ft_llm | 3 |" in capsys.readouterr().out

@@ -155,7 +155,56 @@ def test_vanilla_ike_ablation_puts_the_fact_in_context(setting):
     handle.restore()
 
 
-@pytest.mark.parametrize("mode", ["one_step", "sequential"])
+@pytest.mark.parametrize(
+    "kwargs", [{"edit_in_memory": False}, {"external": "vanilla", "zeta": "none", "ike_k": 1}]
+)
+def test_extend_edit_by_edit_equals_one_apply(setting, kwargs):
+    """Without the edits' own memory entries (which one apply adds before any neuron trains), the same outputs."""
+    vlm = setting["vlm"]
+    cases = eval_cases(setting)
+    probes = [p for case in cases for p in case.all_probes()]
+    before = logits(vlm, probes)
+    outputs = []
+    for incremental in (False, True):
+        editor = make(setting, **kwargs)
+        if incremental:
+            handle = editor.apply(vlm, cases[:1])
+            for case in cases[1:]:
+                handle = editor.extend(vlm, handle, [case])
+        else:
+            handle = editor.apply(vlm, cases)
+        outputs.append((logits(vlm, handle.prepare(probes)), handle.stats["neurons"]))
+        handle.restore()
+        assert torch.equal(logits(vlm, probes), before)
+    assert torch.equal(outputs[0][0], outputs[1][0]) and outputs[0][1] == outputs[1][1]
+
+
+def test_extend_adds_each_edits_memory_entries_read_on_the_unedited_model(setting):
+    vlm = setting["vlm"]
+    cases = eval_cases(setting)
+    probes = [p for case in cases for p in case.all_probes()]
+    before = logits(vlm, probes)
+    # What one apply reads for all three cases on the unedited model.
+    one = make(setting)
+    one.setup(vlm)
+    own = one.edit_states(vlm, cases)
+    editor = make(setting)
+    handle = editor.apply(vlm, cases[:1])
+    sizes = [handle.stats["memory_entries"]]
+    for case in cases[1:]:
+        handle = editor.extend(vlm, handle, [case])
+        sizes.append(handle.stats["memory_entries"])
+    assert sizes[1] - sizes[0] == sizes[2] - sizes[1] > 0 and len(handle.tokens) == 3
+    # Each extend read its edit's entries with the earlier edits' shift and neurons off.
+    layer = editor._latent._layer(LAYERS[-1])
+    segments = editor._latent._memory[layer].segments
+    keys = torch.cat([segments[t][0] for t in handle.tokens])
+    assert torch.allclose(keys, own[LAYERS[-1]]["sem"].to(keys.dtype), atol=1e-6)
+    handle.restore()
+    assert torch.equal(logits(vlm, probes), before)
+
+
+@pytest.mark.parametrize("mode", ["one_step", "sequential", "lifelong"])
 def test_the_loop_restores_every_tensor(setting, mode, tmp_path):
     vlm, world = setting["vlm"], setting["world"]
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
