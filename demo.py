@@ -28,13 +28,17 @@ from reporting.report import write_report
 from world.build import build_world
 from world.config import load_world_config
 
-METHODS = ("ft_llm", "ft_vis", "ike", "mend", "ke", "serac", "tpatcher", "unike")
+METHODS = (
+    "ft_llm", "ft_vis", "ike", "mend", "ke", "serac", "tpatcher", "unike",
+    "kn", "calinet", "rome", "memit", "alphaedit",
+)  # fmt: skip
 #: Methods whose trained editor checkpoints (checkpoints/editors/*_world_<family>.safetensors,
 #: checkpoints/unike/encoders_world_<family>.safetensors) exist only for the LLaVA-style world
 #: backbone; other families run the untrained methods.
 TRAINED = {"mend": "llava", "ke": "llava", "serac": "llava", "unike": "llava"}
-#: Methods whose memory of unrelated inputs comes from the world's training split.
-TRAIN_MEMORY = ("tpatcher", "unike")
+#: Methods whose memory of unrelated inputs (T-Patcher, UniKE) or key statistics corpus (ROME,
+#: MEMIT, AlphaEdit) comes from the world's training split.
+TRAIN_MEMORY = ("tpatcher", "unike", "rome", "memit", "alphaedit")
 FAMILIES = ("llava", "blip2")
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
