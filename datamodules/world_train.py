@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from core.case import ContextItem, Probe
+from datamodules.world_context import ContextMix, InContextExamples
 from world.backbones import load_world
 from world.generate import Entity, World
 from world.probes import (
@@ -70,6 +71,11 @@ class WorldBatches(IterableDataset):
         self.groups = ("facts", "attributes", "composites", "captions")
         self.image_qas = {e.id: grouped_image_qas(self.world, e) for e in self.world.entities}
         cfg = self.world.config
+        self.in_context = (
+            InContextExamples(self.world, self.images.get, self.image_qas, self.text_qas, data.context_mix)
+            if data.context_mix is not None
+            else None
+        )
         self.attr_index = [
             {v: i for i, v in enumerate(values)} for values in (cfg.colours, cfg.shapes, cfg.patterns)
         ]
@@ -85,10 +91,10 @@ class WorldBatches(IterableDataset):
         done = 0
         while done < self.d.stage1_steps:
             window = min(self.d.length_buckets, self.d.stage1_steps - done)
-            yield from self.bucketed(rng, window)
+            yield from self.bucketed(rng, window, self.d.context_share_at(done))
             done += window
 
-    def bucketed(self, rng: random.Random, window: int) -> list[list[Probe]]:
+    def bucketed(self, rng: random.Random, window: int, context_share: float) -> list[list[Probe]]:
         """`window` stage-1 batches whose rows were regrouped by length.
 
         A batch is padded to its longest row, and drawn at random ~40% of a plain batch was padding.
@@ -96,7 +102,7 @@ class WorldBatches(IterableDataset):
         batches keeps what is trained on (and which batches are in-context ones) and leaves ~6%
         padding: about 1.5x less work per step.
         """
-        kinds = [rng.random() < self.d.context_batch_share for _ in range(window)]
+        kinds = [rng.random() < context_share for _ in range(window)]
         rows = {
             kind: sorted(
                 (p for is_context in kinds if is_context == kind for p in self.draw_batch(rng, kind)),
@@ -191,6 +197,10 @@ class WorldBatches(IterableDataset):
         )
 
     def context_batch(self, rng: random.Random) -> list[Probe]:
+        # An explicit `context_mix` opts into `datamodules/world_context.py` (issue 12's recipe, in
+        # progress); without it the batches are the committed backbones' own, byte for byte.
+        if self.in_context is not None:
+            return [self.in_context.probe(rng) for _ in range(self.d.batch_size)]
         return [self.context_probe(rng) for _ in range(self.d.batch_size)]
 
 
@@ -219,6 +229,10 @@ class WorldTrainData(L.LightningDataModule):
         stage1_steps: fact batches after them.
         text_share: share of text-only facts in a plain fact batch.
         context_batch_share: share of stage-1 batches that are whole in-context batches.
+        context_share_end: the share at the end of stage 1, reached linearly from
+            `context_batch_share` (None: constant). A curriculum: the memorised facts first, then
+            reading a context against them, which an in-context example about an unlearnt fact
+            cannot teach.
         pool_size: training renderings per entity (None: the world's own pool_size).
         group_weights: how often a plain image question is an entity fact, an attribute, a composite
             (1..4 hops) or a caption.
@@ -228,6 +242,9 @@ class WorldTrainData(L.LightningDataModule):
         length_buckets: stage-1 batches drawn together and regrouped by row length (1: off), so a
             batch pads little; see `WorldBatches.bucketed`.
         world_config: a world YAML to build `world_dir` from when it is missing or stale.
+        context_mix: what in-context examples ask (`datamodules/world_context.py`, IKE's layout with
+            demonstrations and hard negatives; issue 12's recipe, in progress). None: the in-context
+            batches the committed world backbones were trained with.
     """
 
     def __init__(
@@ -238,12 +255,14 @@ class WorldTrainData(L.LightningDataModule):
         stage1_steps: int = 1200,
         text_share: float = 0.15,
         context_batch_share: float = 0.15,
+        context_share_end: float | None = None,
         pool_size: int | None = None,
         group_weights: tuple[float, float, float, float] = (0.45, 0.2, 0.25, 0.1),
         seed: int = 0,
         length_buckets: int = 1,
         num_workers: int = 0,
         world_config: str | None = None,
+        context_mix: ContextMix | None = None,
     ) -> None:
         super().__init__()
         if num_workers not in (0, 1):
@@ -257,12 +276,21 @@ class WorldTrainData(L.LightningDataModule):
         self.stage1_steps = stage1_steps
         self.text_share = text_share
         self.context_batch_share = context_batch_share
+        self.context_share_end = context_share_end
+        self.context_mix = context_mix
         self.seed = seed
         self.length_buckets = length_buckets
         self.num_workers = num_workers
         self.group_weights = tuple(group_weights)
         self.world = load_world(world_dir, world_config)
         self.pool_size = pool_size or self.world.config.pool_size
+
+    def context_share_at(self, step: int) -> float:
+        """The in-context share of the stage-1 batches drawn at stage-1 step `step`."""
+        if self.context_share_end is None or self.stage1_steps <= 1:
+            return self.context_batch_share
+        progress = step / (self.stage1_steps - 1)
+        return self.context_batch_share + (self.context_share_end - self.context_batch_share) * progress
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
