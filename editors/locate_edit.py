@@ -11,6 +11,7 @@ had been in the first `apply` call.
 
 from __future__ import annotations
 
+import abc
 import time
 import weakref
 from collections.abc import Sequence
@@ -133,9 +134,9 @@ class LocateThenEdit(Editor):
         }
 
     # ----------------------------------------------------------------- layers and statistics
+    @abc.abstractmethod
     def edited_layers(self) -> list[int]:
         """The layers as configured (negative: from the last)."""
-        raise NotImplementedError
 
     def layer_indices(self, vlm: VLM) -> list[int]:
         """The edited layers as non-negative indices, in order, each once."""
@@ -257,9 +258,9 @@ class LocateThenEdit(Editor):
                 raise
         handle.stats["time_s"] = float(handle.stats.get("time_s", 0.0)) + time.perf_counter() - start  # type: ignore[arg-type]
 
+    @abc.abstractmethod
     def write(self, vlm: VLM, facts: Sequence[Probe], state: dict[str, object]) -> dict[str, object]:
         """Write `facts` (one case's edits) into the weights; `state` lives as long as the sequence's handle."""
-        raise NotImplementedError
 
 
 class LocateEditHandle(WeightEditHandle):
