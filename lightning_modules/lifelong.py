@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from backbones.base import VLM
 from core.case import EditCase
@@ -143,8 +144,10 @@ def run_sequence(
     lifelong: list[dict[str, Any]] = [{"position": p + 1, "checkpoints": {}, "gaps": {}} for p in range(n)]
     final: dict[int, dict[str, Any]] = {}
     handle: EditHandle | None = None
+    # A sequence is one Lightning step, so Lightning's bar cannot show how far it has got.
+    bar = tqdm(range(1, n + 1), desc="lifelong: edits", unit="edit", mininterval=5.0, leave=False)
     try:
-        for t in range(1, n + 1):
+        for t in bar:
             live, handle = handle, None  # a failing `extend` has undone the whole state itself
             handle = _edit(vlm, editor, live, cases[t - 1], timing)
             if t in checkpoints:
@@ -163,6 +166,7 @@ def run_sequence(
             if t == n:
                 final = scored
     finally:
+        bar.close()
         if handle is not None:
             handle.restore()
     return [{**final[p], "lifelong": lifelong[p]} for p in range(n)]

@@ -25,11 +25,18 @@ ALL_COLOURS = {
     "black": (25, 25, 25),
     "olive": (120, 130, 30),
     "navy": (20, 30, 110),
+    # Added for the lifelong world (configs/world/lifelong.yaml); earlier worlds take the first n.
+    "white": (240, 240, 240),
+    "grey": (128, 128, 128),
+    "teal": (10, 120, 110),
+    "maroon": (110, 20, 45),
 }
 ALL_PATTERNS = ("plain", "striped", "dotted", "checked", "ringed")
 #: Bump when the generator's output changes for the same config (templates, layout), so cached world
 #: folders are rebuilt rather than silently reused.
 GENERATOR_VERSION = 2
+#: Options (and their defaults) newer than the committed worlds: left out of `to_dict` at the default.
+LATER_OPTIONS = {"unedited_locality": False}
 
 
 @dataclass
@@ -44,7 +51,12 @@ class WorldConfig:
         n_countries, n_makers: sizes of the two editable relations' value sets.
         withheld_fraction: share of (entity, withholdable relation) facts never shown to the backbone.
         split_fractions: editor-train and validation shares of the entities; the rest is evaluation.
-        edits_per_entity: counterfactual edits per entity (1: country; 2: country and maker).
+        edits_per_entity: counterfactual edits per entity, in the order country, maker, owner,
+            material (2: the two chain roots; 4: every fact of the entity, the lifelong world).
+        unedited_locality: image-locality questions ask only relations no edit of the world changes
+            (with 4 edits per entity: colour, shape, pattern), so that a sequence of every edit of a
+            split never changes the answer of an earlier case's locality question: the lifelong
+            world's non-conflicting edits. Off, they ask any relation the backbone knows.
         max_rotation: degrees either way; scale_range: sprite size as a share of the image side.
         noise: standard deviation of the pixel noise (0-255 scale).
     """
@@ -60,6 +72,7 @@ class WorldConfig:
     withheld_fraction: float = 0.35
     split_fractions: tuple[float, float] = (0.5, 0.15)
     edits_per_entity: int = 2
+    unedited_locality: bool = False
     max_rotation: float = 10.0
     scale_range: tuple[float, float] = (0.7, 0.95)
     noise: float = 6.0
@@ -77,8 +90,8 @@ class WorldConfig:
             raise ValueError(
                 f"world.split_fractions (train, val) must leave a share for evaluation, got {self.split_fractions}"
             )
-        if self.edits_per_entity not in (1, 2):
-            raise ValueError(f"world.edits_per_entity must be 1 or 2, got {self.edits_per_entity}")
+        if self.edits_per_entity not in (1, 2, 3, 4):
+            raise ValueError(f"world.edits_per_entity must be in 1..4, got {self.edits_per_entity}")
         if self.n_countries < 4 or self.n_makers < 3:
             raise ValueError("world.n_countries must be >= 4 and world.n_makers >= 3 for counterfactuals")
 
@@ -96,6 +109,11 @@ class WorldConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        # Options added after worlds were committed are written only when set, so those worlds keep
+        # their digest and their bytes (and the backbones trained on them stay valid).
+        for name, default in LATER_OPTIONS.items():
+            if data[name] == default:
+                del data[name]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     def digest(self) -> str:

@@ -16,6 +16,7 @@ from world.config import WorldConfig
 from world.relations import (
     CAPTION_FORMAT,
     CHAINS,
+    EDIT_ORDER,
     EDITABLE,
     MATERIALS,
     TEXT_TEMPLATES,
@@ -138,7 +139,7 @@ def _pick_counterfactual(rng: random.Random, world: World, relation: str, old: s
     Then every portability hop really needs the edit: no hop's answer is right by accident.
     """
     candidates = [v for v in world.values[relation] if v != old]
-    hops = len(CHAINS[relation])
+    hops = len(CHAINS.get(relation, ()))
 
     def differs(v: str) -> int:
         return sum(world.chain(relation, v, h) != world.chain(relation, old, h) for h in range(1, hops + 1))
@@ -189,7 +190,7 @@ def generate_world(config: WorldConfig) -> World:
         entity_facts = {rel: facts[rel][i] for rel in facts}
         entities.append(Entity(f"e{i:03d}", look, entity_facts, withheld, split_of[i]))
     world = World(config, values, links, entities)
-    relations = EDITABLE[: config.edits_per_entity]
+    relations = EDIT_ORDER[: config.edits_per_entity]
     for entity in entities:
         for relation in relations:
             old = entity.facts[relation]

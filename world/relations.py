@@ -44,6 +44,10 @@ IMAGE_TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 EDITABLE = ("country", "maker")
 WITHHOLDABLE = ("owner", "material")
+#: The relations edits change, in order: a world with `edits_per_entity` n edits the first n. The
+#: demo edits the two chain roots; the lifelong world all four facts (owner and material have no
+#: chain, so their edits have no portability questions).
+EDIT_ORDER = (*EDITABLE, *WITHHOLDABLE)
 ATTRIBUTES = ("colour", "shape", "pattern")
 
 #: Text facts (T-Locality, and the chain links): relation -> (subject kind, train, held-out templates).

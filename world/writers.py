@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from world.generate import SPLITS, Edit, Entity, World
 from world.probes import composite_questions, image_questions, known_relations, text_question, withheld_qas
-from world.relations import CAPTION_TEMPLATES, CHAINS, TEXT_TEMPLATES
+from world.relations import CAPTION_TEMPLATES, CHAINS, EDIT_ORDER, TEXT_TEMPLATES
 from world.render import FRESH_ID, render
 
 
@@ -58,7 +58,7 @@ def _core(world: World, images: ImageWriter, rng: random.Random, edit: Edit, spl
     src = rng.choice(image_questions(edit.relation))
     rel, subject, loc_ans = rng.choice(world.text_facts())
     other = rng.choice([e for e in split_entities if e.id != entity.id])
-    loc_relation = rng.choice(known_relations(other))
+    loc_relation = rng.choice(locality_relations(world, other))
     return entity, {
         "id": "",
         "src": src,
@@ -75,7 +75,18 @@ def _core(world: World, images: ImageWriter, rng: random.Random, edit: Edit, spl
     }
 
 
+def locality_relations(world: World, other: Entity) -> list[str]:
+    """The relations an image-locality question about `other` may ask (see `unedited_locality`)."""
+    known = known_relations(other)
+    if not world.config.unedited_locality:
+        return known
+    edited = set(EDIT_ORDER[: world.config.edits_per_entity])
+    return [r for r in known if r not in edited]
+
+
 def _port_new(world: World, entity: Entity, edit: Edit, style: str) -> list[dict]:
+    if edit.relation not in CHAINS:  # owner and material edits: nothing follows from them
+        return []
     roots = {edit.relation: edit.new}
     composites = {(root, hops): (q, a) for q, a, root, hops in composite_questions(world, entity, **roots)}
     depth = len(CHAINS[edit.relation])

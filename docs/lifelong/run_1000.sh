@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Lifelong editing to K = 1,000 on the lifelong world (1,088 non-conflicting evaluation edits):
+# builds the world, trains its backbone and SERAC when missing, runs every method's one sequence and
+# writes the table and plot:  bash docs/lifelong/run_1000.sh [method ...]
+# Results: results/lifelong1000/<method>; report: docs/lifelong (scores_vs_k.png, table.md, gaps.md).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+py=${PYTHON:-.venv/bin/python}
+out=results/lifelong1000
+methods=("$@")
+[ ${#methods[@]} -gt 0 ] || methods=(ft_llm memit alphaedit ike serac tpatcher calinet)
+"$py" -m world.build --config configs/world/lifelong.yaml --out data/world/lifelong
+[ -f checkpoints/world_llava_lifelong/config.json ] ||
+  "$py" train.py fit --config configs/train/world_llava_lifelong.yaml
+serac_ckpt=checkpoints/editors/serac_world_llava_lifelong.safetensors
+world=(--config configs/edit/world/lifelong_world.yaml)
+for method in "${methods[@]}"; do
+  extra=()
+  case "$method" in
+    memit | alphaedit | tpatcher) extra=(--config configs/edit/world/lifelong_memory.yaml) ;;
+    ike) extra=(--config configs/edit/world/lifelong_ike_pool.yaml) ;;
+    serac)
+      [ -f "$serac_ckpt" ] ||
+        "$py" train.py fit --config configs/train/serac.yaml --config configs/train/serac_lifelong.yaml
+      extra=(--model.editor.init_args.checkpoint "$serac_ckpt") ;;
+  esac
+  echo "== $method =="
+  "$py" edit.py test --config "configs/edit/$method.yaml" "${world[@]}" "${extra[@]}" \
+    --config configs/edit/lifelong.yaml --trainer.logger false --trainer.enable_progress_bar false \
+    --results_dir "$out/$method"
+done
+"$py" report.py "$out" --out docs/lifelong
