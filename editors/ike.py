@@ -26,10 +26,10 @@ from backbones.base import VLM
 from core.case import ContextItem, EditCase, Probe
 from editors.base import EditHandle, Editor
 from editors.ike_pool import DemoFormats, Demonstration, build_pool, retrieval_key
-from editors.training_split import read_training_cases
+from editors.training_split import ReadsTrainingSplit, split_option_problems
 
 
-class IKE(Editor):
+class IKE(ReadsTrainingSplit, Editor):
     """In-context editing with copy / update / retain demonstrations retrieved from a training split.
 
     Args:
@@ -69,8 +69,9 @@ class IKE(Editor):
     ) -> None:
         if k < 0:
             raise ValueError(f"IKE: k must be >= 0, got {k}")
-        if max_records is not None and max_records < 1:
-            raise ValueError(f"IKE: max_records must be >= 1 or None, got {max_records}")
+        problems = split_option_problems(max_records, on_bad_record)
+        if problems:
+            raise ValueError("IKE: " + "; ".join(problems))
         self.train_file = train_file
         self.image_root = image_root
         self.format = format
@@ -81,18 +82,10 @@ class IKE(Editor):
         self.max_records = max_records
         self.on_bad_record = on_bad_record
         self.name = name
-        self._pool_cases: list[EditCase] | None = None
         self._demos: list[list[Demonstration]] = []
         self._record_ids: list[str] = []
         self._keys: torch.Tensor | None = None
         self._embedded_by: weakref.ref[VLM] | None = None
-
-    @classmethod
-    def from_cases(cls, cases: Sequence[EditCase], **kwargs: object) -> IKE:
-        """An IKE whose demonstration pool is built from `cases` rather than read from `train_file`."""
-        editor = cls(**kwargs)
-        editor._pool_cases = list(cases)
-        return editor
 
     def describe(self) -> dict[str, object]:
         return {
@@ -109,22 +102,9 @@ class IKE(Editor):
 
     # ----------------------------------------------------------------- pool
     def _load_pool_cases(self) -> list[EditCase]:
-        if self._pool_cases is not None:
-            cases = self._pool_cases
-        elif self.train_file is not None:
-            cases = read_training_cases(
-                self.train_file,
-                self.image_root,
-                format=self.format,
-                prompt_template=self.prompt_template,
-                on_bad_record=self.on_bad_record,
-                limit=self.max_records,
-            )
-        else:
-            raise ValueError(
-                "IKE: give train_file (the training split to draw demonstrations from) or use IKE.from_cases"
-            )
-        return cases[: self.max_records] if self.max_records is not None else cases
+        return self.read_split(
+            self.train_file, "train_file", "the training split to draw demonstrations from"
+        )
 
     def setup(self, vlm: VLM) -> None:
         """Build the pool and embed its records once per backbone (IKE never changes the weights)."""

@@ -26,11 +26,11 @@ from core.files import file_sha256
 from editors.base import EditHandle, Editor, ParameterSnapshot, WeightEditHandle
 from editors.key_values import KeySpec, TargetSettings
 from editors.layer_stats import DEFAULT_STATS_DIR, probes_digest, second_moments
-from editors.training_split import read_training_cases
+from editors.training_split import ReadsTrainingSplit, split_option_problems
 from editors.tuning import only_these_trainable
 
 
-class LocateThenEdit(Editor):
+class LocateThenEdit(ReadsTrainingSplit, Editor):
     """Base of the closed-form FFN editors. Subclasses set `name`, `layer_option` and implement `write`.
 
     Args:
@@ -89,10 +89,7 @@ class LocateThenEdit(Editor):
             *self.key.problems(),
             *self.targets.problems(),
         ]
-        if max_records is not None and max_records < 1:
-            self.problems.append(f"max_records must be >= 1 or None, got {max_records}")
-        if on_bad_record not in ("error", "skip"):
-            self.problems.append(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        self.problems += split_option_problems(max_records, on_bad_record)
         self.memory_file = memory_file
         self.image_root = image_root
         self.format = format
@@ -102,7 +99,6 @@ class LocateThenEdit(Editor):
         self.on_bad_record = on_bad_record
         self.stats_dir = stats_dir
         self.name = name
-        self._corpus_cases: list[EditCase] | None = None
         #: C = E[k k^T] per edited layer (non-negative index), float32 on the CPU, filled by `setup`.
         self.moments: dict[int, Tensor] = {}
         #: The layers whose moment the last `setup` computed (empty: all read from the cache).
@@ -114,13 +110,6 @@ class LocateThenEdit(Editor):
         found = self.problems + list(problems)
         if found:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(found))
-
-    @classmethod
-    def from_cases(cls, cases: Sequence[EditCase], **kwargs: object) -> LocateThenEdit:
-        """An editor whose statistics corpus is `cases` rather than `memory_file`."""
-        editor = cls(**kwargs)  # type: ignore[arg-type]
-        editor._corpus_cases = list(cases)
-        return editor
 
     def describe(self) -> dict[str, object]:
         return {
@@ -154,8 +143,8 @@ class LocateThenEdit(Editor):
 
     def _corpus(self) -> tuple[dict[str, object], list[Probe] | None]:
         """What identifies the corpus (for the cache key), and its probes when they are already in memory."""
-        if self._corpus_cases is not None:
-            probes = [p for case in self._corpus_cases for p in case.all_probes()]
+        if self.split_cases is not None:
+            probes = [p for case in self.split_cases for p in case.all_probes()]
             return {"probes_sha256": probes_digest(probes), "n_probes": len(probes)}, probes
         if self.memory_file is None:
             raise ValueError(
@@ -176,14 +165,8 @@ class LocateThenEdit(Editor):
         return corpus, None
 
     def _read_corpus(self) -> list[Probe]:
-        cases = read_training_cases(
-            self.memory_file,  # type: ignore[arg-type]
-            self.image_root,
-            format=self.format,
-            prompt_template=self.prompt_template,
-            loc_image_template=self.loc_image_template,
-            on_bad_record=self.on_bad_record,
-            limit=self.max_records,
+        cases = self.read_split(
+            self.memory_file, "memory_file", "the corpus whose keys give the layer statistics"
         )
         return [p for case in cases for p in case.all_probes()]
 

@@ -61,13 +61,13 @@ from editors.added_neurons import (
     patch_training_loss,
 )
 from editors.base import EditHandle, Editor
-from editors.training_split import read_training_cases
+from editors.training_split import ReadsTrainingSplit, split_option_problems
 from editors.tuning import only_these_trainable
 
 PatchDtype = Literal["float32", "model"]
 
 
-class TPatcher(Editor):
+class TPatcher(ReadsTrainingSplit, Editor):
     """T-Patcher: per edit, train `n_neurons` added FFN neurons per layer of `layers`; weights untouched.
 
     Args:
@@ -172,8 +172,7 @@ class TPatcher(Editor):
             )
         if memory_size < 1:
             problems.append(f"memory_size must be >= 1, got {memory_size}")
-        if max_records is not None and max_records < 1:
-            problems.append(f"max_records must be >= 1 or None, got {max_records}")
+        problems += split_option_problems(max_records, on_bad_record)
         if patch_dtype not in ("float32", "model"):
             problems.append(f"patch_dtype must be 'float32' or 'model', got {patch_dtype!r}")
         if problems:
@@ -204,17 +203,9 @@ class TPatcher(Editor):
         self.update_memory = update_memory
         self.patch_dtype = patch_dtype
         self.name = name
-        self._memory_cases: list[EditCase] | None = None
         #: FFN inputs of the memory per (non-negative) patched layer, [N, hidden], patch dtype.
         self.memory: dict[int, Tensor] = {}
         self._built_for: weakref.ref[VLM] | None = None
-
-    @classmethod
-    def from_cases(cls, cases: Sequence[EditCase], **kwargs: object) -> TPatcher:
-        """A T-Patcher whose memory is built from `cases` rather than read from `memory_file`."""
-        editor = cls(**kwargs)  # type: ignore[arg-type]
-        editor._memory_cases = list(cases)
-        return editor
 
     def describe(self) -> dict[str, object]:
         return {
@@ -246,24 +237,9 @@ class TPatcher(Editor):
 
     # ----------------------------------------------------------------- memory
     def _load_memory_cases(self) -> list[EditCase]:
-        if self._memory_cases is not None:
-            cases = self._memory_cases
-        elif self.memory_file is not None:
-            cases = read_training_cases(
-                self.memory_file,
-                self.image_root,
-                format=self.format,
-                prompt_template=self.prompt_template,
-                loc_image_template=self.loc_image_template,
-                on_bad_record=self.on_bad_record,
-                limit=self.max_records,
-            )
-        else:
-            raise ValueError(
-                "TPatcher: give memory_file (a training split whose inputs the patches must stay "
-                "silent on) or use TPatcher.from_cases"
-            )
-        cases = cases[: self.max_records] if self.max_records is not None else cases
+        cases = self.read_split(
+            self.memory_file, "memory_file", "a training split whose inputs the patches must stay silent on"
+        )
         if not cases:
             raise ValueError(f"TPatcher: the memory ({self.memory_file or 'from_cases'}) holds no records")
         return cases

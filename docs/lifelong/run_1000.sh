@@ -19,6 +19,8 @@ for method in "${methods[@]}"; do
   case "$method" in
     memit | alphaedit | tpatcher) extra=(--config configs/edit/world/lifelong_memory.yaml) ;;
     ike) extra=(--config configs/edit/world/lifelong_ike_pool.yaml) ;;
+    # Replay (every edit trains on every earlier one) costs O(N^2) rows: hours at N = 1,088 here.
+    calinet) extra=(--model.editor.init_args.replay false) ;;
     serac)
       [ -f "$serac_ckpt" ] ||
         "$py" train.py fit --config configs/train/serac.yaml --config configs/train/serac_lifelong.yaml
