@@ -7,6 +7,7 @@ picture (the world is generated, not built); a tiny world with the same options 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,15 @@ def test_later_options_at_their_default_keep_a_world_digest():
     plain = load_world_config(TINY)
     assert "unedited_locality" not in plain.to_dict()
     assert load_world_config(TINY, unedited_locality=True).digest() != plain.digest()
+
+
+def test_backbone_training_puts_every_edited_relation_in_context(tiny_lifelong):
+    """The in-context facts training shows cover owner and material when the world edits them."""
+    from datamodules.world_train import WorldBatches, WorldTrainData
+
+    data = WorldTrainData(str(tiny_lifelong), batch_size=8, stage0_steps=0, stage1_steps=1)
+    batches = WorldBatches(data)
+    rng = random.Random(0)
+    entity = data.world.entities[0]
+    drawn = {batches.counterfactual(rng, entity)[0] for _ in range(200)}
+    assert drawn == {"country", "maker", "owner", "material", "caption"}
