@@ -109,9 +109,16 @@ def scores_vs_k(rows: Sequence[RunRow], path: Path) -> Path:
         ax.set_xlabel("K")
         if ks and max(ks) >= 100 * max(min(ks), 1):
             ax.set_xscale("log")  # K = 1 .. 1,000 of a lifelong run: equal room per decade
-    axes.flat[0].legend(fontsize=8)
+    # One legend under the panels: inside one, eight or more methods hide its lines.
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    ncol = min(len(labels), 4)
     fig.suptitle("scores against the number of sequential edits K")
-    return _save(fig, path)
+    fig.tight_layout(rect=(0, 0.04 * (-(-len(labels) // ncol)) + 0.02, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
 
 
 def heatmap(
