@@ -38,7 +38,7 @@ from world.probes import (
     known_relations,
     train_text_qas,
 )
-from world.relations import CAPTION_TEMPLATES, EDIT_ORDER, EDITABLE
+from world.relations import CAPTION_TEMPLATES, EDITABLE
 from world.render import render
 
 FACT_FORMAT = "New Fact: {prompt} {target}"
@@ -150,7 +150,7 @@ class WorldBatches(IterableDataset):
         """(relation, question, new answer, root value) of a made-up fact about `entity`."""
         # Every relation the world's edits change (the demo: country and maker; the lifelong world
         # also owner and material), so the backbone learns to read an in-context fact of each kind.
-        relation = rng.choice([*EDIT_ORDER[: self.world.config.edits_per_entity], "caption"])
+        relation = rng.choice([*self.world.config.edited_relations, "caption"])
         if relation == "caption":
             country = rng.choice(self.world.values["country"])
             return "caption", rng.choice(CAPTION_TEMPLATES[0]), self.world.caption(entity, country), country

@@ -32,9 +32,9 @@ def _value(v: float | None) -> float:
     return math.nan if v is None else float(v)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: plt.Figure, path: Path, rect: tuple[float, float, float, float] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
@@ -111,14 +111,11 @@ def scores_vs_k(rows: Sequence[RunRow], path: Path) -> Path:
             ax.set_xscale("log")  # K = 1 .. 1,000 of a lifelong run: equal room per decade
     # One legend under the panels: inside one, eight or more methods hide its lines.
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    ncol = min(len(labels), 4)
+    ncol = max(1, min(len(labels), 4))
     fig.suptitle("scores against the number of sequential edits K")
-    fig.tight_layout(rect=(0, 0.04 * (-(-len(labels) // ncol)) + 0.02, 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    legend_rows = -(-len(labels) // ncol)
+    return _save(fig, path, rect=(0, 0.04 * legend_rows + 0.02, 1, 1))
 
 
 def heatmap(

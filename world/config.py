@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from world.relations import EDIT_ORDER
+
 #: Shapes are the hardest attribute for a tiny vision tower to tell apart (the feasibility runs), so a
 #: world grows by colours and patterns; these four differ in outline, not just in detail.
 ALL_SHAPES = ("circle", "square", "triangle", "cross")
@@ -106,6 +108,11 @@ class WorldConfig:
     @property
     def patterns(self) -> tuple[str, ...]:
         return ALL_PATTERNS[: self.n_patterns]
+
+    @property
+    def edited_relations(self) -> tuple[str, ...]:
+        """The relations this world's edits change (the first `edits_per_entity` of `EDIT_ORDER`)."""
+        return EDIT_ORDER[: self.edits_per_entity]
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -16,7 +16,6 @@ from world.config import WorldConfig
 from world.relations import (
     CAPTION_FORMAT,
     CHAINS,
-    EDIT_ORDER,
     EDITABLE,
     MATERIALS,
     TEXT_TEMPLATES,
@@ -190,9 +189,8 @@ def generate_world(config: WorldConfig) -> World:
         entity_facts = {rel: facts[rel][i] for rel in facts}
         entities.append(Entity(f"e{i:03d}", look, entity_facts, withheld, split_of[i]))
     world = World(config, values, links, entities)
-    relations = EDIT_ORDER[: config.edits_per_entity]
     for entity in entities:
-        for relation in relations:
+        for relation in config.edited_relations:
             old = entity.facts[relation]
             world.edits.append(
                 Edit(entity.id, relation, old, _pick_counterfactual(rng, world, relation, old))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from world.generate import SPLITS, Edit, Entity, World
 from world.probes import composite_questions, image_questions, known_relations, text_question, withheld_qas
-from world.relations import CAPTION_TEMPLATES, CHAINS, EDIT_ORDER, TEXT_TEMPLATES
+from world.relations import CAPTION_TEMPLATES, CHAINS, TEXT_TEMPLATES
 from world.render import FRESH_ID, render
 
 
@@ -80,8 +80,7 @@ def locality_relations(world: World, other: Entity) -> list[str]:
     known = known_relations(other)
     if not world.config.unedited_locality:
         return known
-    edited = set(EDIT_ORDER[: world.config.edits_per_entity])
-    return [r for r in known if r not in edited]
+    return [r for r in known if r not in world.config.edited_relations]
 
 
 def _port_new(world: World, entity: Entity, edit: Edit, style: str) -> list[dict]:
